@@ -1,0 +1,610 @@
+"""OpenAI wire format ⇄ internal types. Pure: no Flask, no I/O.
+
+Requests: ``openai_chat_to_internal``, ``openai_completion_to_internal``,
+``openai_embeddings_inputs``. Answers: ``internal_to_openai_chat``,
+``internal_to_openai_completion``, and the stream converters ``OpenAIChatStream`` and
+``OpenAICompletionStream`` (``process(event) -> [chunk dicts]``). Errors: ``openai_error``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import struct
+import time
+import uuid
+from typing import Any
+
+from ..core.errors import (
+    AuthenticationError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+)
+from ..core.schemas import (
+    Event,
+    Finish,
+    InternalRequest,
+    Message,
+    ReasoningDelta,
+    TextDelta,
+    TokenInfo,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
+
+FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
+                  "tool_calls": "tool_calls"}
+FINGERPRINT = "fp_ollama_server"
+
+
+# --- field validation helpers (shared by the OpenAI-shaped dialects) ---------------------------
+
+def get_number(body: dict[str, Any], key: str, lo: float | None = None, hi: float | None = None,
+               integer: bool = False) -> Any:
+    """``body[key]`` checked as a number in [lo, hi]; None when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"'{key}' must be a number, got {json.dumps(value)}", param=key)
+    if integer:
+        if isinstance(value, float) and not value.is_integer():
+            raise InvalidRequest(f"'{key}' must be an integer, got {value}", param=key)
+        value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
+        raise InvalidRequest(f"'{key}' must be {bounds}, got {value}", param=key)
+    return value
+
+
+def get_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    """``body[key]`` checked as a boolean."""
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be a boolean, got {json.dumps(value)}", param=key)
+    return value
+
+
+def get_stop(body: dict[str, Any], key: str = "stop") -> list[str]:
+    """A stop field: a string or a list of strings."""
+    value = body.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s for s in value if s]
+    raise InvalidRequest(f"'{key}' must be a string or a list of strings", param=key)
+
+
+def require_model(body: dict[str, Any]) -> str:
+    """The ``model`` field, which must be a non-empty string."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string", param="model")
+    return model
+
+
+def _content_text(content: Any, images: list[str], where: str) -> str:
+    """Text of an OpenAI content field (string or parts); image parts go to ``images``."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{where}.content must be a string or a list of parts",
+                             param="messages")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise InvalidRequest(f"{where}.content parts must be objects", param="messages")
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str) or not url.startswith("data:"):
+                raise InvalidRequest("only data: URLs are accepted for images (this service "
+                                     "has no internet access)", param="messages")
+            images.append(url)
+        else:
+            raise InvalidRequest(f"unsupported content part type {kind!r}", param="messages")
+    return "\n".join(texts)
+
+
+def _parse_messages(raw: Any) -> list[Message]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"{where} must be an object", param="messages")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role == "function":
+            role = "tool"
+        if role not in ("system", "user", "assistant", "tool"):
+            raise InvalidRequest(f"{where}.role must be one of system, developer, user, "
+                                 f"assistant, tool; got {role!r}", param="messages")
+        images: list[str] = []
+        msg = Message(role=role, content=_content_text(m.get("content"), images, where),
+                      images=images)
+        for j, tc in enumerate(m.get("tool_calls") or []):
+            fn = tc.get("function") or {} if isinstance(tc, dict) else {}
+            args = fn.get("arguments", "{}")
+            if not isinstance(args, str):
+                args = json.dumps(args)
+            msg.tool_calls.append(ToolCall(id=str(tc.get("id") or f"call_{i}_{j}"),
+                                           name=str(fn.get("name", "")), arguments=args))
+        if role == "tool":
+            msg.tool_call_id = m.get("tool_call_id")
+            msg.name = m.get("name")
+        reasoning = m.get("reasoning_content") or m.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            msg.reasoning = reasoning
+        out.append(msg)
+    return out
+
+
+def _parse_tools(body: dict[str, Any]) -> list[Tool]:
+    raw = body.get("tools")
+    if raw is None and body.get("functions"):
+        raw = [{"type": "function", "function": f} for f in body["functions"]]
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidRequest("'tools' must be a list", param="tools")
+    tools = []
+    for t in raw:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest("each tool must be {type: 'function', function: {name, …}}",
+                                 param="tools")
+        tools.append(Tool(name=fn["name"], description=fn.get("description") or "",
+                          parameters=fn.get("parameters") or {"type": "object",
+                                                              "properties": {}}))
+    return tools
+
+
+def _parse_tool_choice(body: dict[str, Any]) -> str | dict[str, Any] | None:
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise InvalidRequest("'tool_choice' must be none, auto, required or a function",
+                                 param="tool_choice")
+        return choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        if not isinstance(name, str):
+            raise InvalidRequest("'tool_choice' names no function", param="tool_choice")
+        return {"name": name}
+    raise InvalidRequest("'tool_choice' must be a string or an object", param="tool_choice")
+
+
+def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise InvalidRequest("'response_format' must be an object", param="response_format")
+    kind = fmt.get("type")
+    if kind == "text":
+        return
+    if kind == "json_object":
+        req.json_schema = {}
+    elif kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequest("'response_format.json_schema' must be an object with a "
+                                 "'schema'", param="response_format")
+        req.json_schema = spec.get("schema") or {}
+    else:
+        raise InvalidRequest(f"'response_format.type' must be text, json_object or "
+                             f"json_schema; got {kind!r}", param="response_format")
+
+
+def _common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
+    req.temperature = get_number(body, "temperature", 0, 2)
+    req.top_p = get_number(body, "top_p", 0, 1)
+    req.presence_penalty = get_number(body, "presence_penalty", -2, 2)
+    req.frequency_penalty = get_number(body, "frequency_penalty", -2, 2)
+    req.seed = get_number(body, "seed", integer=True)
+    req.stop = get_stop(body)
+    req.stream = get_bool(body, "stream")
+    n = get_number(body, "n", 1, integer=True)
+    if n not in (None, 1):
+        raise InvalidRequest("only n=1 is supported", param="n")
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise InvalidRequest("'logit_bias' must be an object of token id → bias",
+                                 param="logit_bias")
+        try:
+            req.logit_bias = {int(k): float(v) for k, v in bias.items()}
+        except (TypeError, ValueError):
+            raise InvalidRequest("'logit_bias' keys must be token ids and values numbers",
+                                 param="logit_bias") from None
+    # Common extensions (llama.cpp, vLLM, Ollama's compat layer) accepted on every route.
+    req.top_k = get_number(body, "top_k", integer=True)
+    if req.top_k is not None and req.top_k < 0:
+        req.top_k = 0
+    req.min_p = get_number(body, "min_p", 0, 1)
+    rep = get_number(body, "repetition_penalty", 0)
+    if rep is None:
+        rep = get_number(body, "repeat_penalty", 0)
+    req.repeat_penalty = rep
+    req.ignore_eos = get_bool(body, "ignore_eos")
+    if isinstance(body.get("keep_alive"), (int, float)):
+        req.keep_alive = float(body["keep_alive"])
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """True when the client asked for a usage chunk at the end of the stream."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    return bool(options.get("include_usage"))
+
+
+def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> InternalRequest:
+    """A chat completions body → InternalRequest (InvalidRequest on a bad field)."""
+    req = InternalRequest(model=require_model(body), dialect=dialect,
+                          messages=_parse_messages(body.get("messages")))
+    _common_sampling(body, req)
+    max_tokens = get_number(body, "max_completion_tokens", 1, integer=True)
+    if max_tokens is None:
+        max_tokens = get_number(body, "max_tokens", 1, integer=True)
+    req.max_tokens = max_tokens
+    req.logprobs = get_bool(body, "logprobs")
+    top = get_number(body, "top_logprobs", 0, 20, integer=True)
+    if top:
+        if not req.logprobs:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        req.top_logprobs = top
+    _response_format(body, req)
+    req.tools = _parse_tools(body)
+    req.tool_choice = _parse_tool_choice(body)
+    if isinstance(req.tool_choice, dict) and not any(
+            t.name == req.tool_choice["name"] for t in req.tools):
+        raise InvalidRequest(f"tool_choice names {req.tool_choice['name']!r}, which is not in "
+                             f"'tools'", param="tool_choice")
+    if body.get("parallel_tool_calls") is not None:
+        req.parallel_tool_calls = get_bool(body, "parallel_tool_calls")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        req.reasoning = effort not in ("none", None)
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, dict):
+        req.chat_template_kwargs = dict(kwargs)
+        if isinstance(kwargs.get("enable_thinking"), bool):
+            req.reasoning = kwargs["enable_thinking"]
+    return req
+
+
+def openai_completion_to_internal(body: dict[str, Any], dialect: str = "openai"
+                                  ) -> InternalRequest:
+    """A legacy completions body → InternalRequest (raw prompt, no chat template)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool)
+                                 for t in prompt):
+            raise InvalidRequest("'prompt' must be a string, a list of one string, or a list "
+                                 "of token ids (batches of prompts are not supported)",
+                                 param="prompt")
+    elif not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' is required and must be a string or token ids",
+                             param="prompt")
+    req = InternalRequest(model=require_model(body), dialect=dialect, prompt=prompt, raw=True)
+    _common_sampling(body, req)
+    max_tokens = get_number(body, "max_tokens", 0, integer=True)
+    req.max_tokens = 16 if max_tokens is None else max_tokens
+    logprobs = get_number(body, "logprobs", 0, 20, integer=True)
+    if logprobs is not None:
+        req.logprobs = True
+        req.top_logprobs = logprobs
+    best_of = get_number(body, "best_of", 1, integer=True)
+    if best_of not in (None, 1):
+        raise InvalidRequest("only best_of=1 is supported", param="best_of")
+    suffix = body.get("suffix")
+    if suffix is not None:
+        if not isinstance(suffix, str):
+            raise InvalidRequest("'suffix' must be a string", param="suffix")
+        if suffix:
+            req.suffix = suffix
+    _response_format(body, req)
+    return req
+
+
+def openai_embeddings_inputs(body: dict[str, Any]) -> tuple[list[Any], str, int | None]:
+    """(inputs, encoding format, dimensions) of an embeddings body."""
+    raw = body.get("input")
+    if isinstance(raw, str):
+        inputs: list[Any] = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        inputs = list(raw)
+    elif isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(
+            isinstance(x, list) and x and all(isinstance(t, int) for t in x) for x in raw):
+        inputs = list(raw)
+    else:
+        raise InvalidRequest("'input' must be a non-empty string, list of strings, list of "
+                             "token ids, or list of token id lists", param="input")
+    if any(isinstance(x, str) and not x for x in inputs):
+        raise InvalidRequest("'input' cannot contain empty strings", param="input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be float or base64",
+                             param="encoding_format")
+    dims = get_number(body, "dimensions", 1, integer=True)
+    return inputs, fmt, dims
+
+
+def shape_embedding(vector: list[float], dims: int | None, fmt: str) -> list[float] | str:
+    """Truncate (and renormalise) to ``dims``; encode as base64 little-endian float32."""
+    if dims is not None and dims < len(vector):
+        vector = vector[:dims]
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        vector = [x / norm for x in vector]
+    if fmt == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def internal_to_openai_embeddings(vectors: list[list[float]], model: str, prompt_tokens: int,
+                                  fmt: str, dims: int | None) -> dict[str, Any]:
+    """The embeddings response body."""
+    return {"object": "list",
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": shape_embedding(v, dims, fmt)}
+                     for i, v in enumerate(vectors)],
+            "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    """An id such as ``chatcmpl-…``."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_dict(finish: Finish | None) -> dict[str, Any]:
+    """OpenAI usage from a Finish."""
+    u = finish.usage if finish else None
+    if u is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+
+
+def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any] | None:
+    if not tokens:
+        return None
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": t.bytes,
+                         "top_logprobs": [{"token": s, "logprob": lp,
+                                           "bytes": list(s.encode())} for s, lp, _ in t.top]}
+                        for t in tokens if t.logprob is not None]}
+
+
+def tool_call_dicts(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """OpenAI ``tool_calls`` from complete calls."""
+    return [{"id": c.id or new_id("call"), "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def internal_to_openai_chat(result: Any, model: str, logprobs: bool = False,
+                            completion_id: str | None = None) -> dict[str, Any]:
+    """A non-streamed chat completion from a collected Result."""
+    finish = result.finish
+    message: dict[str, Any] = {"role": "assistant",
+                               "content": result.text if result.text or not result.tool_calls
+                               else None}
+    if result.reasoning:
+        message["reasoning_content"] = result.reasoning
+        message["reasoning"] = result.reasoning
+    if result.tool_calls:
+        message["tool_calls"] = tool_call_dicts(result.tool_calls)
+    return {
+        "id": completion_id or new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{"index": 0, "message": message,
+                     "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
+                     "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
+                                                         "stop")}],
+        "usage": usage_dict(finish),
+    }
+
+
+class OpenAIChatStream:
+    """Internal events → ``chat.completion.chunk`` dicts, with the stream's state."""
+
+    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
+                 completion_id: str | None = None) -> None:
+        self.id = completion_id or new_id("chatcmpl")
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self._started = False
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Any = None) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "system_fingerprint": FINGERPRINT,
+                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
+                              "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def start(self) -> list[dict[str, Any]]:
+        """The first chunk (role), sent once."""
+        if self._started:
+            return []
+        self._started = True
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def process(self, event: Event) -> list[dict[str, Any]]:
+        """Chunks for one internal event."""
+        out = self.start()
+        if isinstance(event, TextDelta):
+            logprobs = _chat_logprobs(event.tokens) if self.logprobs else None
+            if event.text or logprobs:
+                out.append(self._chunk({"content": event.text}, logprobs=logprobs))
+        elif isinstance(event, ReasoningDelta):
+            out.append(self._chunk({"reasoning_content": event.text,
+                                    "reasoning": event.text}))
+        elif isinstance(event, ToolCallDelta):
+            call: dict[str, Any] = {"index": event.index,
+                                    "function": {"arguments": event.arguments}}
+            if event.name is not None:
+                call["id"] = event.id or new_id("call")
+                call["type"] = "function"
+                call["function"]["name"] = event.name
+            out.append(self._chunk({"tool_calls": [call]}))
+        elif isinstance(event, Finish):
+            out.append(self._chunk({}, FINISH_REASONS.get(event.reason, "stop")))
+            if self.include_usage:
+                out.append({"id": self.id, "object": "chat.completion.chunk",
+                            "created": self.created, "model": self.model,
+                            "system_fingerprint": FINGERPRINT, "choices": [],
+                            "usage": usage_dict(event)})
+        return out
+
+
+def _completion_logprobs(tokens: list[TokenInfo], offset: int = 0) -> dict[str, Any] | None:
+    if not tokens:
+        return None
+    text_offset = []
+    pos = offset
+    for t in tokens:
+        text_offset.append(pos)
+        pos += len(t.text)
+    return {"tokens": [t.text for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{s: lp for s, lp, _ in t.top} for t in tokens],
+            "text_offset": text_offset}
+
+
+def internal_to_openai_completion(result: Any, model: str, echo_prompt: str | None = None,
+                                  logprobs: bool = False) -> dict[str, Any]:
+    """A non-streamed text completion from a collected Result."""
+    finish = result.finish
+    text = (echo_prompt or "") + result.text
+    return {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{"text": text, "index": 0,
+                     "logprobs": (_completion_logprobs(result.tokens, len(echo_prompt or ""))
+                                  if logprobs else None),
+                     "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
+                                                         "stop")}],
+        "usage": usage_dict(finish),
+    }
+
+
+class OpenAICompletionStream:
+    """Internal events → ``text_completion`` stream chunks."""
+
+    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
+                 echo_prompt: str | None = None) -> None:
+        self.id = new_id("cmpl")
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self._echo = echo_prompt
+        self._offset = len(echo_prompt or "")
+
+    def _chunk(self, text: str, finish_reason: str | None = None,
+               logprobs: Any = None) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": "text_completion", "created": self.created,
+                 "model": self.model, "system_fingerprint": FINGERPRINT,
+                 "choices": [{"text": text, "index": 0, "logprobs": logprobs,
+                              "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def process(self, event: Event) -> list[dict[str, Any]]:
+        """Chunks for one internal event."""
+        out = []
+        if self._echo:
+            out.append(self._chunk(self._echo))
+            self._echo = None
+        if isinstance(event, TextDelta):
+            lp = _completion_logprobs(event.tokens, self._offset) if self.logprobs else None
+            self._offset += len(event.text)
+            if event.text or lp:
+                out.append(self._chunk(event.text, logprobs=lp))
+        elif isinstance(event, ReasoningDelta):
+            out.append(self._chunk(event.text))
+        elif isinstance(event, Finish):
+            out.append(self._chunk("", FINISH_REASONS.get(event.reason, "stop")))
+            if self.include_usage:
+                out.append({"id": self.id, "object": "text_completion",
+                            "created": self.created, "model": self.model,
+                            "system_fingerprint": FINGERPRINT, "choices": [],
+                            "usage": usage_dict(event)})
+        return out
+
+
+def model_card(info: Any) -> dict[str, Any]:
+    """One ``/v1/models`` entry (vLLM's ``max_model_len`` included)."""
+    owner = info.name.split("/")[-2] if info.name.count("/") >= 1 else "library"
+    return {"id": info.name, "object": "model", "created": int(info.modified_at),
+            "owned_by": owner, "root": info.name, "parent": None,
+            "max_model_len": info.context_length or None}
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+def openai_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
+    """``{"error": {message, type, param, code}}`` and the status for ``exc``."""
+    code: Any = None
+    kind = "invalid_request_error"
+    message = exc.message
+    if isinstance(exc, ModelNotFound):
+        code = "model_not_found"
+        message = f"The model `{exc.name}` does not exist or you do not have access to it."
+    elif isinstance(exc, ContextLengthExceeded):
+        code = "context_length_exceeded"
+    elif isinstance(exc, AuthenticationError):
+        code = "invalid_api_key"
+    elif isinstance(exc, NotFound):
+        code = "not_found"
+    elif isinstance(exc, PayloadTooLarge):
+        code = "request_too_large"
+    elif isinstance(exc, Overloaded):
+        kind = "server_overloaded"
+    elif not isinstance(exc, InvalidRequest):
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    return ({"error": {"message": message, "type": kind, "param": exc.param, "code": code}},
+            exc.status)

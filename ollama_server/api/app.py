@@ -1,0 +1,105 @@
+"""The Flask app factory: blueprints, request ids, auth, and app-level error handling."""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import logging
+import uuid
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from ..config import Config
+from ..core.errors import (
+    AuthenticationError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+)
+from ..core.request_tracker import RequestTracker
+from ..models.manager import ModelManager
+from ..utils.logging import request_id_var
+from .common import as_service_error, error_response
+from .handlers import Services
+
+log = logging.getLogger(__name__)
+
+# One module per dialect (plus monitoring); each exposes ``bp``. Order matters only for
+# paths two dialects share, which those modules resolve themselves (API-REFERENCE.md §8).
+BLUEPRINT_MODULES = ["openai", "monitoring"]
+OPTIONAL_BLUEPRINT_MODULES = ["ollama", "claude", "vllm", "tgi", "dashboard"]
+
+
+def _register_blueprints(app: Flask) -> None:
+    for name in BLUEPRINT_MODULES:
+        app.register_blueprint(importlib.import_module(f"{__package__}.{name}").bp)
+    for name in OPTIONAL_BLUEPRINT_MODULES:
+        spec = importlib.util.find_spec(f"{__package__}.{name}")
+        if spec is not None:
+            app.register_blueprint(importlib.import_module(f"{__package__}.{name}").bp)
+
+
+def create_app(config: Config, manager: ModelManager | None = None,
+               tracker: RequestTracker | None = None) -> Flask:
+    """Build the app; ``manager`` and ``tracker`` may be injected (tests)."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * 1024 * 1024)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    svc = Services(config=config, manager=manager or ModelManager(config),
+                   tracker=tracker or RequestTracker())
+    app.extensions["ollama_server"] = svc
+    _register_blueprints(app)
+
+    @app.before_request
+    def _start() -> None:
+        rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        g.request_id = rid
+        request_id_var.set(rid)
+        if config.api_key and (request.path.startswith("/v1/") or
+                               request.path.startswith("/api/")):
+            given = request.headers.get("x-api-key") or ""
+            auth = request.headers.get("Authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+                raise AuthenticationError("invalid or missing API key")
+
+    @app.after_request
+    def _finish(resp: Response) -> Response:
+        resp.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        return resp
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError) -> Response:
+        if exc.status >= 500:
+            log.error("%s %s failed: %s", request.method, request.path, exc.message)
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        # Unmatched URLs, 405s, bodies too large: shaped for the dialect of the path.
+        code = exc.code or 500
+        if code == 404:
+            err: ServiceError = NotFound(f"{request.method} {request.path} is not a route of "
+                                         f"this service")
+        elif code == 405:
+            err = InvalidRequest(f"method {request.method} is not allowed on {request.path}")
+            err.status = 405
+        elif code == 413:
+            err = PayloadTooLarge(f"the request body is larger than the limit of "
+                                  f"{config.max_body_mb:g} MB (max_body_mb)")
+        elif code == 400:
+            err = InvalidRequest(exc.description or "bad request")
+        else:
+            err = ServiceError(exc.description or exc.name)
+            err.status = code
+        return error_response(err)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        return error_response(as_service_error(exc))
+
+    return app

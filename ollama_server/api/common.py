@@ -1,0 +1,122 @@
+"""HTTP helpers shared by every blueprint: body parsing, stream framing, and error shaping.
+
+Each dialect registers one error formatter; app-level handlers (unmatched URLs, 405s, bodies
+too large or not JSON) and mid-stream failures pick the formatter by the request's path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from flask import Response, request
+
+from ..core.errors import InvalidRequest, ServiceError
+
+log = logging.getLogger(__name__)
+
+# dialect → (exception → (body, status))
+ErrorFormatter = Callable[[ServiceError], tuple[Any, int]]
+ERROR_FORMATTERS: dict[str, ErrorFormatter] = {}
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def register_error_formatter(dialect: str, formatter: ErrorFormatter) -> None:
+    """Make ``formatter`` shape the errors of ``dialect``."""
+    ERROR_FORMATTERS[dialect] = formatter
+
+
+def dialect_for_request(path: str | None = None, method: str | None = None,
+                        headers: Any = None) -> str:
+    """Which API a request belongs to, from its path (and a few headers) alone."""
+    path = path if path is not None else request.path
+    method = method or request.method
+    headers = headers if headers is not None else request.headers
+    if path.startswith("/v1/messages") or (
+            path.startswith("/v1/models") and headers.get("anthropic-version")):
+        return "anthropic"
+    if path.startswith("/api/"):
+        return "ollama"
+    if path in ("/generate", "/generate_stream", "/info") or (path == "/" and method == "POST"):
+        return "tgi"
+    if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/version"):
+        return "openai"
+    return "ollama"
+
+
+def error_response(exc: ServiceError, dialect: str | None = None) -> Response:
+    """The error body and status of ``exc`` in the dialect of the current request."""
+    dialect = dialect or dialect_for_request()
+    formatter = ERROR_FORMATTERS.get(dialect) or ERROR_FORMATTERS.get("openai")
+    if formatter is None:
+        body, status = {"error": exc.message}, exc.status
+    else:
+        body, status = formatter(exc)
+    resp = Response(json.dumps(body), status=status, mimetype="application/json")
+    if status >= 500:
+        resp.headers["x-should-retry"] = "false" if status == 500 else "true"
+    return resp
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object; InvalidRequest with a clear message otherwise."""
+    raw = request.get_data(cache=True)
+    if not raw or not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON for frames."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def sse_data(obj: Any) -> str:
+    """One SSE ``data:`` frame."""
+    return f"data: {dumps(obj)}\n\n"
+
+
+def sse_event(name: str, obj: Any) -> str:
+    """One SSE frame with an ``event:`` line."""
+    return f"event: {name}\ndata: {dumps(obj)}\n\n"
+
+
+def ndjson_line(obj: Any) -> str:
+    """One NDJSON line."""
+    return dumps(obj) + "\n"
+
+
+def stream_response(frames: Iterable[str], mimetype: str,
+                    headers: dict[str, str] | None = None,
+                    on_close: Callable[[], None] | None = None) -> Response:
+    """A streamed response over ``frames``; ``on_close`` runs however the stream ends."""
+
+    def generate() -> Iterator[str]:
+        try:
+            yield from frames
+        finally:
+            if on_close is not None:
+                on_close()
+
+    resp = Response(generate(), mimetype=mimetype)
+    resp.headers.update(STREAM_HEADERS)
+    if headers:
+        resp.headers.update(headers)
+    return resp
+
+
+def as_service_error(exc: BaseException) -> ServiceError:
+    """Any exception as a ServiceError (unexpected ones become a 500 with their type)."""
+    if isinstance(exc, ServiceError):
+        return exc
+    log.exception("unexpected error", exc_info=exc)
+    return ServiceError(f"internal error: {type(exc).__name__}: {exc}")

@@ -1,0 +1,291 @@
+"""The shared run-and-stream path every dialect's blueprint calls.
+
+``start_generation`` does everything that can fail before the first byte (resolve the model,
+load its engine, send the request and wait for the engine's first result) and returns a
+``Generation``: an iterator of internal events with the reasoning splitter applied, tracked in
+the RequestTracker, that releases the engine and ends its tracking when the stream ends or is
+closed (a client that disconnects closes it, which cancels the generation in the engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import current_app
+
+from ..config import Config
+from ..core.errors import Cancelled, ContextLengthExceeded, ServiceError, Unsupported
+from ..core.executor import EngineStream, LLAMAExecutor
+from ..core.request_tracker import RequestTracker
+from ..core.schemas import (
+    Event,
+    Finish,
+    InternalRequest,
+    ReasoningDelta,
+    RequestState,
+    TextDelta,
+    TokenInfo,
+    ToolCall,
+    ToolCallDelta,
+)
+from ..models.manager import ModelManager
+from ..models.schemas import ModelInfo
+from ..utils.response_processing import ThinkSplitter, reasoning_mode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the blueprints share: configuration, models and engines, request tracking."""
+
+    config: Config
+    manager: ModelManager
+    tracker: RequestTracker
+
+
+def services() -> Services:
+    """The Services of the current Flask app."""
+    return current_app.extensions["ollama_server"]
+
+
+@dataclass
+class Result:
+    """A whole generation, collected (for non-streaming answers)."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
+    """Fill unset sampling fields from the manifest's params layer (Ollama's defaults)."""
+    params = info.params or {}
+    simple = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+              "min_p": "min_p", "typical_p": "typical_p", "repeat_penalty": "repeat_penalty",
+              "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
+              "frequency_penalty": "frequency_penalty", "seed": "seed"}
+    for key, attr in simple.items():
+        if key in params and getattr(req, attr) is None:
+            setattr(req, attr, params[key])
+    if "num_ctx" in params and req.num_ctx is None:
+        req.num_ctx = int(params["num_ctx"])
+    if "stop" in params and not req.stop:
+        stops = params["stop"]
+        req.stop = [stops] if isinstance(stops, str) else list(stops)
+    if info.system and req.messages is not None and not any(
+            m.role == "system" for m in req.messages):
+        from ..core.schemas import Message
+
+        req.messages.insert(0, Message(role="system", content=info.system))
+
+
+def _check_capabilities(req: InternalRequest, info: ModelInfo) -> None:
+    if info.is_embedding_only:
+        raise Unsupported(f"\"{info.name}\" does not support generate")
+    wants_images = any(m.images for m in req.messages or [])
+    if wants_images and info.projector is None:
+        raise Unsupported(f"\"{info.name}\" does not support images: the model has no vision "
+                          f"projector")
+
+
+class Generation:
+    """A started generation. Iterate for events (once); ``close()`` cancels it."""
+
+    def __init__(self, svc: Services, req: InternalRequest, info: ModelInfo,
+                 engine: LLAMAExecutor, stream: EngineStream, load_s: float,
+                 cancel: Any, started: float) -> None:
+        self.svc = svc
+        self.req = req
+        self.info = info
+        self.engine = engine
+        self.load_s = load_s
+        self.started = started
+        self._stream = stream
+        self._cancel = cancel
+        self._closed = False
+        mode = reasoning_mode(req.reasoning, svc.config.preserve_think_tags)
+        self._splitter = ThinkSplitter(mode, starts_in_reasoning=engine.prompt_opens_think)
+        self.finish: Finish | None = None
+
+    @property
+    def request_id(self) -> str:
+        """The tracked request id."""
+        return self.req.request_id
+
+    def _tracked(self) -> Iterator[Event]:
+        tracker = self.svc.tracker
+        rid = self.req.request_id
+        for event in self._stream:
+            if self._cancel.is_set():
+                raise Cancelled("the request was cancelled")
+            if isinstance(event, TextDelta):
+                tracker.add_tokens(rid, max(1, len(event.tokens)))
+            elif isinstance(event, ToolCallDelta):
+                tracker.add_tokens(rid, 1)
+            elif isinstance(event, Finish):
+                event.usage.load_ms = self.load_s * 1000.0
+            yield event
+
+    def __iter__(self) -> Iterator[Event]:
+        state, error = RequestState.CANCELLED, "client disconnected"
+        try:
+            for event in self._splitter.process(self._tracked()):
+                if isinstance(event, Finish):
+                    event.usage.reasoning_tokens = self._splitter.reasoning_chunks
+                    self.finish = event
+                yield event
+            state, error = RequestState.COMPLETED, None
+        except Cancelled as exc:
+            state, error = RequestState.CANCELLED, exc.message
+            raise
+        except ServiceError as exc:
+            state, error = RequestState.FAILED, exc.message
+            raise
+        except GeneratorExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the client by the adapter
+            state, error = RequestState.FAILED, f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            usage = self.finish.usage if self.finish else None
+            self._end(state, error, usage)
+
+    def _end(self, state: RequestState, error: str | None, usage: Any) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stream.close()
+        self.svc.manager.release(self.info.name, self.req.keep_alive)
+        self.svc.tracker.finish(
+            self.req.request_id, state=state, error=error,
+            finish_reason=self.finish.reason if self.finish else None,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None)
+        log.info("request %s %s: %s", self.req.request_id, state.value,
+                 error or (self.finish.reason if self.finish else ""))
+
+    def close(self) -> None:
+        """Stop the generation (client gone); releases the engine. Idempotent."""
+        self._end(RequestState.CANCELLED, "client disconnected", None)
+
+    def collect(self) -> Result:
+        """Run to the end and gather text, reasoning, tool calls and the finish."""
+        result = Result()
+        text: list[str] = []
+        reasoning: list[str] = []
+        for event in self:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+                result.tokens.extend(event.tokens)
+            elif isinstance(event, ReasoningDelta):
+                reasoning.append(event.text)
+            elif isinstance(event, Finish):
+                result.finish = event
+                result.tool_calls = event.tool_calls
+        result.text = "".join(text)
+        result.reasoning = "".join(reasoning)
+        return result
+
+
+def _bigger_context(info: ModelInfo, prompt_tokens: int, max_tokens: int | None) -> int:
+    need = prompt_tokens + (max_tokens if max_tokens and max_tokens > 0 else 512)
+    ctx = 1024
+    while ctx < need:
+        ctx *= 2
+    return min(ctx, info.context_length) if info.context_length else ctx
+
+
+def start_generation(req: InternalRequest, endpoint: str, svc: Services | None = None
+                     ) -> Generation:
+    """Resolve, load, send, and wait for the engine's first result; raise typed errors."""
+    svc = svc or services()
+    started = time.monotonic()
+    info = svc.manager.resolve(req.model)
+    apply_model_defaults(req, info)
+    _check_capabilities(req, info)
+    tracker = svc.tracker
+    cancel = tracker.start(req.request_id, info.name, req.dialect, endpoint=endpoint,
+                           stream=req.stream, max_tokens=req.max_tokens)
+    acquired = False
+    try:
+        tracker.set_state(req.request_id, RequestState.LOADING)
+        engine, load_s = svc.manager.acquire(info, req.num_ctx)
+        acquired = True
+        tracker.set_state(req.request_id, RequestState.PROCESSING)
+        try:
+            stream = engine.open_stream(req)
+        except ContextLengthExceeded as exc:
+            # The model was trained for more than it runs with: reload it bigger, once.
+            if not (info.context_length and exc.prompt_tokens < info.context_length
+                    and engine.ctx_size < info.context_length):
+                raise ContextLengthExceeded(exc.prompt_tokens, engine.ctx_size if
+                                            engine.ctx_size >= info.context_length else
+                                            info.context_length) from None
+            svc.manager.release(info.name)
+            acquired = False
+            engine, more_s = svc.manager.acquire(
+                info, _bigger_context(info, exc.prompt_tokens, req.max_tokens))
+            acquired = True
+            load_s += more_s
+            stream = engine.open_stream(req)
+    except BaseException as exc:
+        if acquired:
+            svc.manager.release(info.name, req.keep_alive)
+        message = exc.message if isinstance(exc, ServiceError) else str(exc)
+        tracker.finish(req.request_id, state=RequestState.FAILED, error=message)
+        raise
+    return Generation(svc, req, info, engine, stream, load_s, cancel, started)
+
+
+def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,
+                   keep_alive: float | None = None, svc: Services | None = None
+                   ) -> tuple[list[list[float]], int, ModelInfo, float]:
+    """(vectors, prompt tokens, model, load seconds) for a list of inputs, tracked."""
+    import uuid
+
+    svc = svc or services()
+    info = svc.manager.resolve(model)
+    rid = uuid.uuid4().hex
+    svc.tracker.start(rid, info.name, dialect, endpoint=endpoint)
+    try:
+        engine, load_s = svc.manager.acquire(info)
+        try:
+            vectors, tokens = engine.embed(inputs)
+        finally:
+            svc.manager.release(info.name, keep_alive)
+    except BaseException as exc:
+        message = exc.message if isinstance(exc, ServiceError) else str(exc)
+        svc.tracker.finish(rid, state=RequestState.FAILED, error=message)
+        raise
+    svc.tracker.finish(rid, prompt_tokens=tokens, completion_tokens=0)
+    return vectors, tokens, info, load_s
+
+
+def with_engine(model: str, svc: Services | None = None,
+                num_ctx: int | None = None) -> "_EngineUse":
+    """``with with_engine(name) as (engine, info):`` for tokenize, templates and counts."""
+    return _EngineUse(svc or services(), model, num_ctx)
+
+
+class _EngineUse:
+    def __init__(self, svc: Services, model: str, num_ctx: int | None) -> None:
+        self.svc = svc
+        self.model = model
+        self.num_ctx = num_ctx
+        self.info: ModelInfo | None = None
+
+    def __enter__(self) -> tuple[LLAMAExecutor, ModelInfo]:
+        self.info = self.svc.manager.resolve(self.model)
+        engine, _ = self.svc.manager.acquire(self.info, self.num_ctx)
+        return engine, self.info
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.info is not None:
+            self.svc.manager.release(self.info.name)

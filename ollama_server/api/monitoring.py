@@ -1,0 +1,66 @@
+"""Monitoring blueprint: health, live request progress, recent requests."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, jsonify
+
+from ..core.errors import NotFound
+from .handlers import services
+
+bp = Blueprint("monitoring", __name__)
+
+
+def loaded_models_view() -> list[dict]:
+    """The loaded models with their engine state (health, dashboard, /api/ps share it)."""
+    now = time.monotonic()
+    out = []
+    for entry in services().manager.loaded():
+        engine = entry.engine
+        out.append({
+            "name": entry.info.name,
+            "state": engine.state.value,
+            "pid": engine.pid,
+            "port": engine.port,
+            "context_length": entry.ctx_size,
+            "size": entry.info.size,
+            "in_flight": entry.in_flight,
+            "expires_in_s": (None if entry.expires_at is None
+                             else round(max(0.0, entry.expires_at - now), 1)),
+            "restarts": engine.restarts,
+        })
+    return out
+
+
+@bp.get("/health")
+def health() -> Response:
+    """200 with the engine and models when the service can take work, 503 otherwise."""
+    svc = services()
+    body: dict = {"status": "ok", "models_loaded": loaded_models_view(),
+                  "requests_in_flight": svc.tracker.count_active()}
+    try:
+        body["engine"] = str(svc.manager.engine_settings().binary)
+        body["models_available"] = len(svc.manager.list_models())
+    except Exception as exc:  # noqa: BLE001 - health reports, never raises
+        body.update(status="unhealthy", error=str(exc))
+        return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+    return jsonify(body)
+
+
+@bp.get("/api/progress/<request_id>")
+def progress(request_id: str) -> Response:
+    """Live status of one request (tokens so far, time to first token, tokens/s)."""
+    status = services().tracker.get(request_id)
+    if status is None:
+        raise NotFound(f"request '{request_id}' not found")
+    return jsonify(status.to_dict())
+
+
+@bp.get("/api/requests")
+def requests_list() -> Response:
+    """Requests in flight and recently finished, with totals."""
+    tracker = services().tracker
+    return jsonify({"active": [s.to_dict() for s in tracker.active()],
+                    "recent": [s.to_dict() for s in tracker.recent()],
+                    "totals": dict(tracker.totals)})

@@ -1,0 +1,176 @@
+"""Service configuration: defaults, then ``config/service_config.yaml``, then environment
+variables (``OLLAMA_SERVER_<KEY>``), then command-line flags. A bad value raises ConfigError
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = PROJECT_ROOT / "config" / "service_config.yaml"
+ENV_PREFIX = "OLLAMA_SERVER_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the key."""
+
+
+@dataclass
+class Config:
+    """Every setting of the service, with its default."""
+
+    models_dir: str = "./models"  # an Ollama store (manifests/ and blobs/)
+    manifests_dir: str | None = None  # default: <models_dir>/manifests
+    gguf_dirs: list[str] = field(default_factory=list)  # folders of plain *.gguf files
+    llama_cpp_path: str | None = None  # a llama.cpp build folder or the llama-server binary
+    default_context_size: int = 8192  # cap on the context a model is loaded with
+    default_model: str = "smollm2:135m"
+    tensor_split: list[float] | None = None
+    gpu_layers: int | None = None  # -ngl; None lets llama-server decide
+    threads: int = 0  # 0: llama-server's choice
+    batch_size: int = 512
+    parallel: int = 4  # parallel slots per model (continuous batching)
+    max_loaded_models: int = 3
+    keep_alive: float = 300.0  # seconds a model stays loaded after its last request
+    request_timeout: float = 600.0
+    startup_timeout: float = 300.0
+    max_body_mb: float = 100.0
+    log_level: str = "INFO"
+    log_dir: str = "./logs"
+    enable_model_inspection: bool = True
+    preserve_think_tags: bool = True
+    embeddings: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11435
+    threads_http: int = 64  # gunicorn threads: concurrent requests and streams
+    api_key: str | None = None  # when set, /v1 and /api routes need it
+    debug: bool = False
+
+    # --- derived paths -------------------------------------------------------------------
+
+    @property
+    def models_path(self) -> Path:
+        """``models_dir`` as an absolute path."""
+        return _abs(self.models_dir)
+
+    @property
+    def manifests_path(self) -> Path:
+        """The manifests folder of the Ollama store."""
+        return _abs(self.manifests_dir) if self.manifests_dir else self.models_path / "manifests"
+
+    def validate(self) -> "Config":
+        """Check every value; raise ConfigError naming the first bad key."""
+        for key in ("default_context_size", "batch_size", "parallel", "max_loaded_models",
+                    "port", "threads_http"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.port > 65535:
+            raise ConfigError(f"port must be at most 65535, got {self.port}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be 0 (auto) or positive, got {self.threads}")
+        for key in ("request_timeout", "startup_timeout", "max_body_mb"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
+                              f"got {self.log_level!r}")
+        self.log_level = self.log_level.upper()
+        if self.tensor_split is not None:
+            if not self.tensor_split or any(x < 0 for x in self.tensor_split) or \
+                    sum(self.tensor_split) <= 0:
+                raise ConfigError(f"tensor_split must be non-negative proportions such as "
+                                  f"'3,1', got {self.tensor_split}")
+        return self
+
+
+def _abs(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (Path.cwd() / p).resolve()
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Turn a YAML, env or CLI value into the type of ``key``; ConfigError when impossible."""
+    kind = str(_FIELDS[key].type)
+    try:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none",
+                                                                                "null")):
+            if "None" in kind:
+                return None
+            raise ValueError("a value is required")
+        if key == "tensor_split":
+            if isinstance(value, str):
+                value = [v for v in value.replace(";", ",").split(",") if v.strip()]
+            if isinstance(value, (int, float)):
+                value = [value]
+            return [float(v) for v in value]
+        if key == "gguf_dirs":
+            if isinstance(value, str):
+                return [v for v in value.split(os.pathsep) if v]
+            return [str(v) for v in value]
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value for {key}: {value!r} ({exc})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Build the configuration from the YAML file, the environment, and ``overrides``."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    file_path = Path(path) if path else (
+        Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG")
+        else DEFAULT_CONFIG_FILE)
+    if path and not file_path.is_file():
+        raise ConfigError(f"config file {file_path} does not exist")
+    if file_path.is_file():
+        try:
+            loaded = yaml.safe_load(file_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {file_path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file_path} must hold a mapping of keys")
+        for key, value in loaded.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown key {key!r} in {file_path}")
+            values[key] = _coerce(key, value)
+    if environ.get("OLLAMA_MODELS") and ENV_PREFIX + "MODELS_DIR" not in environ:
+        values["models_dir"] = environ["OLLAMA_MODELS"]
+    for key in _FIELDS:
+        env_value = environ.get(ENV_PREFIX + key.upper())
+        if env_value is not None:
+            values[key] = _coerce(key, env_value)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value)
+    return Config(**values).validate()

@@ -1,0 +1,693 @@
+"""LLAMAExecutor: one llama-server child process per loaded model, and the streaming client to it.
+
+The translation between an ``InternalRequest`` and llama-server's own JSON (chat requests go to
+its OpenAI-compatible ``/v1/chat/completions`` with Jinja templates and tool parsing; raw prompts
+go to its native ``/completion`` which reports token ids) lives here too: it is the engine's
+dialect, and nothing above this module sees it.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import http.client
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    ContextLengthExceeded,
+    EngineFailed,
+    InvalidRequest,
+    Overloaded,
+    ServiceError,
+    Unsupported,
+)
+from .schemas import (
+    Event,
+    Finish,
+    InternalRequest,
+    Message,
+    TextDelta,
+    TokenInfo,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+
+_ERROR_WORDS = ("error", "failed", "fatal", "abort", "cannot", "unable", "invalid", "exception",
+                "terminate", "out of memory", "what()")
+
+
+class EngineState(enum.StrEnum):
+    """Life cycle of one llama-server process."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@dataclass
+class EngineSettings:
+    """How to start llama-server; the same for every model unless a model overrides it."""
+
+    binary: Path
+    threads: int = 0  # 0: llama-server's own choice
+    batch_size: int = 512
+    gpu_layers: int | None = None  # None: llama-server's default
+    tensor_split: list[float] | None = None
+    parallel: int = 4  # slots that decode together (continuous batching)
+    embeddings: bool = True  # also serve /v1/embeddings from the same process
+    startup_timeout: float = 300.0
+    request_timeout: float = 600.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- InternalRequest → llama-server JSON (pure) ----------------------------------------------
+
+def _sampling_fields(req: InternalRequest) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, key in (("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                      ("min_p", "min_p"), ("typical_p", "typical_p"),
+                      ("repeat_penalty", "repeat_penalty"), ("repeat_last_n", "repeat_last_n"),
+                      ("presence_penalty", "presence_penalty"),
+                      ("frequency_penalty", "frequency_penalty"), ("seed", "seed")):
+        value = getattr(req, name)
+        if value is not None:
+            out[key] = value
+    out["n_predict"] = req.max_tokens if req.max_tokens is not None else -1
+    if req.stop:
+        out["stop"] = list(req.stop)
+    if req.ignore_eos:
+        out["ignore_eos"] = True
+    if req.logit_bias:
+        out["logit_bias"] = [[int(k), float(v)] for k, v in req.logit_bias.items()]
+    if req.grammar:
+        out["grammar"] = req.grammar
+    elif req.json_schema is not None:
+        out["json_schema"] = req.json_schema or {"type": "object"}
+    return out
+
+
+def message_to_engine(msg: Message) -> dict[str, Any]:
+    """A neutral message in the OpenAI form llama-server's chat endpoint takes."""
+    out: dict[str, Any] = {"role": msg.role}
+    if msg.images:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": msg.content}]
+        for image in msg.images:
+            url = image if image.startswith("data:") else f"data:image/png;base64,{image}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        out["content"] = parts
+    else:
+        out["content"] = msg.content
+    if msg.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in msg.tool_calls]
+    if msg.tool_call_id:
+        out["tool_call_id"] = msg.tool_call_id
+    if msg.name and msg.role == "tool":
+        out["name"] = msg.name
+    if msg.reasoning:
+        out["reasoning_content"] = msg.reasoning
+    return out
+
+
+def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
+    """llama-server ``/v1/chat/completions`` body for a chat request (always streamed)."""
+    payload: dict[str, Any] = {
+        "messages": [message_to_engine(m) for m in req.messages or []],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "verbose": True,  # the last chunk then says which stop string matched
+        "cache_prompt": True,
+        "reasoning_format": "none",  # <think> splitting is ours (utils.response_processing)
+    }
+    payload.update(_sampling_fields(req))
+    if req.tools:
+        payload["tools"] = [{"type": "function",
+                             "function": {"name": t.name, "description": t.description,
+                                          "parameters": t.parameters}} for t in req.tools]
+        if req.tool_choice is not None:
+            choice = req.tool_choice
+            if isinstance(choice, dict):
+                choice = {"type": "function", "function": {"name": choice.get("name", "")}}
+            payload["tool_choice"] = choice
+        if req.parallel_tool_calls is not None:
+            payload["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.chat_template_kwargs:
+        payload["chat_template_kwargs"] = req.chat_template_kwargs
+    if not req.add_generation_prompt:
+        payload["add_generation_prompt"] = False
+    if req.continue_final_message:
+        payload["continue_final_message"] = True
+    if req.logprobs or req.top_logprobs:
+        payload["logprobs"] = True
+        payload["top_logprobs"] = req.top_logprobs
+    return payload
+
+
+def build_completion_payload(req: InternalRequest) -> tuple[str, dict[str, Any]]:
+    """(path, body) for a raw-prompt request: native ``/completion``, or ``/infill``."""
+    payload: dict[str, Any] = {"stream": True, "cache_prompt": True,
+                               "return_tokens": True}
+    payload.update(_sampling_fields(req))
+    if req.logprobs or req.top_logprobs:
+        payload["n_probs"] = max(1, req.top_logprobs)
+    if req.suffix is not None:
+        payload["input_prefix"] = req.prompt or ""
+        payload["input_suffix"] = req.suffix
+        payload["prompt"] = ""
+        return "/infill", payload
+    payload["prompt"] = req.prompt if req.prompt is not None else ""
+    return "/completion", payload
+
+
+# --- llama-server JSON → internal events (pure) -----------------------------------------------
+
+def _token_infos(probs: list[dict[str, Any]] | None) -> list[TokenInfo]:
+    out = []
+    for p in probs or []:
+        top = [(t.get("token", ""), float(t.get("logprob", 0.0)), t.get("id"))
+               for t in p.get("top_logprobs") or []]
+        out.append(TokenInfo(id=p.get("id"), text=p.get("token", ""),
+                             logprob=p.get("logprob"), bytes=p.get("bytes"), top=top))
+    return out
+
+
+def _usage_from(timings: dict[str, Any] | None, prompt_tokens: int, completion_tokens: int,
+                cached: int) -> Usage:
+    timings = timings or {}
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 cached_tokens=cached, prompt_ms=float(timings.get("prompt_ms") or 0.0),
+                 predicted_ms=float(timings.get("predicted_ms") or 0.0))
+
+
+def _finish_reason(reason: str | None, stop_type: str | None, word: str | None) -> str:
+    if reason == "tool_calls":
+        return "tool_calls"
+    if stop_type == "word" and word:
+        return "stop_sequence"
+    if reason == "length" or stop_type == "limit":
+        return "length"
+    return "stop"
+
+
+class ChatChunkParser:
+    """Turns llama-server chat stream chunks into internal events; keeps per-stream state."""
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.stop_type: str | None = None
+        self.stopping_word: str | None = None
+        self.tool_calls: dict[int, ToolCall] = {}
+
+    def process(self, chunk: dict[str, Any]) -> list[Event]:
+        """Events for one decoded ``data:`` object."""
+        events: list[Event] = []
+        verbose = chunk.get("__verbose")
+        if verbose:
+            self.stop_type = verbose.get("stop_type")
+            self.stopping_word = verbose.get("stopping_word") or None
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            tokens = _token_infos((choice.get("logprobs") or {}).get("content"))
+            content = delta.get("content")
+            if content or tokens:
+                events.append(TextDelta(text=content or "", tokens=tokens))
+            for tc in delta.get("tool_calls") or []:
+                index = int(tc.get("index", 0))
+                fn = tc.get("function") or {}
+                call = self.tool_calls.get(index)
+                if call is None:
+                    call = self.tool_calls[index] = ToolCall(id=tc.get("id") or "",
+                                                             name=fn.get("name") or "",
+                                                             arguments="")
+                    events.append(ToolCallDelta(index=index, id=call.id, name=call.name,
+                                                arguments=fn.get("arguments") or ""))
+                else:
+                    events.append(ToolCallDelta(index=index,
+                                                arguments=fn.get("arguments") or ""))
+                call.arguments += fn.get("arguments") or ""
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if usage:
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            reason = _finish_reason(self.finish_reason, self.stop_type, self.stopping_word)
+            events.append(Finish(
+                reason=reason,
+                usage=_usage_from(chunk.get("timings"), usage.get("prompt_tokens", 0),
+                                  usage.get("completion_tokens", 0), cached),
+                stop_sequence=self.stopping_word if reason == "stop_sequence" else None,
+                tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)]))
+        return events
+
+
+class CompletionChunkParser:
+    """Turns native ``/completion`` stream chunks into internal events."""
+
+    def process(self, chunk: dict[str, Any]) -> list[Event]:
+        """Events for one decoded ``data:`` object."""
+        events: list[Event] = []
+        content = chunk.get("content") or ""
+        ids = chunk.get("tokens") or []
+        tokens = _token_infos(chunk.get("completion_probabilities"))
+        if not tokens and ids:
+            # Without logprobs the engine still names the ids; the text goes on the last one.
+            tokens = [TokenInfo(id=i, text="") for i in ids]
+            tokens[-1].text = content
+        if content or tokens:
+            events.append(TextDelta(text=content, tokens=tokens))
+        if chunk.get("stop"):
+            stop_type = chunk.get("stop_type")
+            word = chunk.get("stopping_word") or None
+            reason = _finish_reason(None, stop_type, word)
+            timings = chunk.get("timings") or {}
+            prompt_tokens = int(chunk.get("tokens_evaluated") or 0)
+            events.append(Finish(
+                reason=reason,
+                usage=_usage_from(timings, prompt_tokens, int(chunk.get("tokens_predicted") or 0),
+                                  int(timings.get("cache_n") or 0)),
+                stop_sequence=word if reason == "stop_sequence" else None))
+        return events
+
+
+def engine_error(status: int, body: bytes | str, tail: str = "") -> ServiceError:
+    """Map an error answer of llama-server to the service's typed errors (by type, not text)."""
+    try:
+        data = json.loads(body)
+    except (TypeError, ValueError):
+        data = {}
+    err = data.get("error", data) if isinstance(data, dict) else {}
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    message = str(err.get("message") or body or f"HTTP {status}")
+    kind = err.get("type")
+    if kind == "exceed_context_size_error":
+        return ContextLengthExceeded(int(err.get("n_prompt_tokens") or 0),
+                                     int(err.get("n_ctx") or 0))
+    if kind == "not_supported_error" or status == 501:
+        return Unsupported(message)
+    if status == 400 or kind == "invalid_request_error":
+        return InvalidRequest(message)
+    if status == 503:
+        return Overloaded(f"engine unavailable: {message}")
+    return EngineFailed(f"llama-server error {status}: {message}" + (f"; {tail}" if tail else ""))
+
+
+class EngineStream:
+    """The events of one streamed llama-server answer; ``close()`` cancels it in the engine."""
+
+    def __init__(self, executor: "LLAMAExecutor", conn: http.client.HTTPConnection,
+                 resp: http.client.HTTPResponse, parser: ChatChunkParser | CompletionChunkParser,
+                 ) -> None:
+        self._executor = executor
+        self._conn = conn
+        self._resp = resp
+        self._parser = parser
+        self.closed = False
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            while True:
+                try:
+                    line = self._resp.readline()
+                except (OSError, http.client.HTTPException) as exc:
+                    if self.closed:
+                        return
+                    raise self._executor.failure(
+                        f"connection to llama-server lost: {exc}") from exc
+                if not line:
+                    if self.closed:
+                        return
+                    raise self._executor.failure("llama-server closed the stream early")
+                if not line.startswith(b"data: "):
+                    continue  # blank separators and ":" pings
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk and isinstance(chunk["error"], dict):
+                    err = chunk["error"]
+                    raise engine_error(int(err.get("code") or 500), json.dumps(chunk),
+                                       self._executor.stderr_tail())
+                finished = False
+                for event in self._parser.process(chunk):
+                    finished = finished or isinstance(event, Finish)
+                    yield event
+                if finished and isinstance(self._parser, CompletionChunkParser):
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection; llama-server then stops generating for this request."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+
+class LLAMAExecutor:
+    """One llama-server process serving one model.
+
+    Contract: a state machine ``stopped → starting → ready → stopping → stopped``, with
+    ``failed`` after a start that did not succeed or a crash. Only methods holding ``_lock``
+    change the state (one writer). ``ensure_ready()`` is idempotent: it returns at once when
+    the process is up, restarts it after a crash, and raises EngineFailed (with the tail of
+    llama-server's stderr) when it cannot start. ``stop()`` sends SIGTERM to the process group,
+    waits, then SIGKILL, and always reaps. Callers never inspect the state before calling.
+    """
+
+    def __init__(self, model_path: Path, settings: EngineSettings, ctx_size: int, *,
+                 name: str = "", pooling: str | None = None, projector: Path | None = None,
+                 popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
+        self.model_path = Path(model_path)
+        self.settings = settings
+        self.ctx_size = int(ctx_size)
+        self.name = name or self.model_path.stem
+        self.pooling = pooling
+        self.projector = projector
+        self._popen = popen
+        self._lock = threading.RLock()
+        self._state = EngineState.STOPPED
+        self._proc: subprocess.Popen | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=400)
+        self._errors: collections.deque[str] = collections.deque(maxlen=20)
+        self.port: int | None = None
+        self.started_at: float | None = None
+        self.restarts = 0  # starts after the first one (crash recovery, context changes)
+        self._starts = 0
+        self.prompt_opens_think = False
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> EngineState:
+        """The current state (a dead process reads as failed)."""
+        with self._lock:
+            if self._state == EngineState.READY and self._proc and self._proc.poll() is not None:
+                return EngineState.FAILED
+            return self._state
+
+    @property
+    def pid(self) -> int | None:
+        """The llama-server process id while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def command(self, port: int) -> list[str]:
+        """The llama-server command line for this model."""
+        s = self.settings
+        cmd = [str(s.binary), "-m", str(self.model_path), "--host", "127.0.0.1",
+               "--port", str(port), "-c", str(self.ctx_size), "--parallel", str(s.parallel),
+               "--kv-unified", "--jinja", "--reasoning-format", "none", "--no-webui",
+               "-b", str(s.batch_size), "--metrics"]
+        if s.threads:
+            cmd += ["--threads", str(s.threads)]
+        if s.gpu_layers is not None:
+            cmd += ["-ngl", str(s.gpu_layers)]
+        if s.tensor_split:
+            cmd += ["--tensor-split", ",".join(f"{x:g}" for x in s.tensor_split)]
+        if s.embeddings:
+            cmd += ["--embeddings", "--pooling", self.pooling or "mean"]
+        if self.projector is not None:
+            cmd += ["--mmproj", str(self.projector)]
+        return cmd + list(s.extra_args)
+
+    def stderr_tail(self, n: int = 8) -> str:
+        """The last error-looking lines of llama-server's stderr (or its last lines)."""
+        lines = list(self._errors)[-n:] or list(self._stderr)[-n:]
+        return " | ".join(line.strip() for line in lines)
+
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            self._stderr.append(line)
+            if any(word in line.lower() for word in _ERROR_WORDS):
+                self._errors.append(line)
+            log.debug("[%s] %s", self.name, line)
+
+    def failure(self, message: str) -> EngineFailed:
+        """An EngineFailed for ``message``, noting a crash so the next request restarts it."""
+        proc = self._proc
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                with self._lock:
+                    if self._proc is proc:
+                        self._state = EngineState.FAILED
+                message += f" (llama-server exited with code {code})"
+        tail = self.stderr_tail()
+        return EngineFailed(message + (f"; llama-server said: {tail}" if tail else ""))
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    def ensure_ready(self) -> float:
+        """Start llama-server if it is not running; return the seconds spent loading."""
+        with self._lock:
+            if (self._state == EngineState.READY and self._proc is not None
+                    and self._proc.poll() is None):
+                return 0.0
+            began = time.monotonic()
+            if self._proc is not None:
+                log.warning("llama-server for %s is not running (state %s); restarting",
+                            self.name, self._state.value)
+                self._stop_locked()
+            last: EngineFailed | None = None
+            for _ in range(3):  # a port taken between free_port() and bind() is retried
+                try:
+                    self._start_locked()
+                    return time.monotonic() - began
+                except EngineFailed as exc:
+                    last = exc
+                    if "bind" not in str(exc).lower():
+                        break
+            assert last is not None
+            raise last
+
+    def _start_locked(self) -> None:
+        port = free_port()
+        cmd = self.command(port)
+        log.info("starting llama-server for %s on port %d (ctx %d): %s", self.name, port,
+                 self.ctx_size, " ".join(cmd))
+        self._stderr.clear()
+        self._errors.clear()
+        self._state = EngineState.STARTING
+        try:
+            proc = self._popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            self._state = EngineState.FAILED
+            raise EngineFailed(f"cannot run llama-server {self.settings.binary}: {exc}") from exc
+        self._proc = proc
+        self.port = port
+        if self._starts:
+            self.restarts += 1
+        self._starts += 1
+        threading.Thread(target=self._read_stderr, args=(proc,), daemon=True,
+                         name=f"llama-stderr-{self.name}").start()
+        deadline = time.monotonic() + self.settings.startup_timeout
+        delay = 0.02
+        while True:
+            code = proc.poll()
+            if code is not None:
+                time.sleep(0.05)  # let the stderr reader catch the last lines
+                self._state = EngineState.FAILED
+                self._reap(proc)
+                raise EngineFailed(f"llama-server for {self.name} exited with code {code} while "
+                                   f"loading: {self.stderr_tail() or 'no output'}")
+            status = self._health(port)
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                self._kill(proc)
+                self._state = EngineState.FAILED
+                raise EngineFailed(f"llama-server for {self.name} did not become ready in "
+                                   f"{self.settings.startup_timeout:.0f}s: {self.stderr_tail()}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+        self.started_at = time.time()
+        self._state = EngineState.READY
+        self.prompt_opens_think = self._detect_open_think()
+        log.info("llama-server for %s ready (pid %d, port %d)", self.name, proc.pid, port)
+
+    def _health(self, port: int) -> int | None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
+
+    def _detect_open_think(self) -> bool:
+        """True when the chat template's generation prompt opens a ``<think>`` block itself."""
+        try:
+            out = self.call_json("POST", "/apply-template",
+                                 {"messages": [{"role": "user", "content": "x"}]}, timeout=10)
+        except ServiceError:
+            return False
+        return str(out.get("prompt", "")).rstrip().endswith("<think>")
+
+    def stop(self) -> None:
+        """Stop llama-server (SIGTERM, then SIGKILL) and reap it. Idempotent."""
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        proc = self._proc
+        if proc is None:
+            self._state = EngineState.STOPPED
+            return
+        self._state = EngineState.STOPPING
+        self._kill(proc)
+        self._proc = None
+        self.port = None
+        self._state = EngineState.STOPPED
+        log.info("llama-server for %s stopped", self.name)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen, grace: float = 10.0) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        LLAMAExecutor._reap(proc)
+
+    @staticmethod
+    def _reap(proc: subprocess.Popen) -> None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.stderr is not None:
+            try:
+                proc.stderr.close()
+            except OSError:
+                pass
+
+    # --- requests ------------------------------------------------------------------------
+
+    def _connect(self, timeout: float | None = None) -> http.client.HTTPConnection:
+        port = self.port
+        if port is None:
+            raise self.failure(f"llama-server for {self.name} is not running")
+        return http.client.HTTPConnection("127.0.0.1", port,
+                                          timeout=timeout or self.settings.request_timeout)
+
+    def call_json(self, method: str, path: str, body: Any = None,
+                  timeout: float | None = None) -> Any:
+        """One JSON request to llama-server; typed errors on failure."""
+        conn = self._connect(timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise self.failure(f"llama-server request {path} failed: {exc}") from exc
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise engine_error(resp.status, raw, self.stderr_tail())
+        return json.loads(raw) if raw else {}
+
+    def open_stream(self, req: InternalRequest) -> EngineStream:
+        """Send a generation request and wait for its first result.
+
+        Everything that can fail before the first token (a prompt over the context, a bad
+        grammar, a dead engine) raises here, before the caller has sent a byte.
+        """
+        parser: ChatChunkParser | CompletionChunkParser
+        if req.is_chat:
+            path, payload = "/v1/chat/completions", build_chat_payload(req)
+            parser = ChatChunkParser()
+        else:
+            path, payload = build_completion_payload(req)
+            parser = CompletionChunkParser()
+        conn = self._connect()
+        try:
+            conn.request("POST", path, body=json.dumps(payload).encode(),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+        except TimeoutError as exc:
+            conn.close()
+            raise EngineFailed(f"llama-server did not answer within "
+                               f"{self.settings.request_timeout:.0f}s") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise self.failure(f"llama-server request failed: {exc}") from exc
+        if resp.status != 200:
+            raw = resp.read()
+            conn.close()
+            raise engine_error(resp.status, raw, self.stderr_tail())
+        return EngineStream(self, conn, resp, parser)
+
+    def embed(self, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+        """(vectors, prompt tokens) for each input, from llama-server's embeddings endpoint."""
+        if not self.settings.embeddings:
+            raise Unsupported("embeddings are turned off in this service's configuration")
+        out = self.call_json("POST", "/v1/embeddings",
+                             {"input": inputs, "encoding_format": "float"})
+        data = sorted(out.get("data", []), key=lambda d: d.get("index", 0))
+        return ([d["embedding"] for d in data],
+                int((out.get("usage") or {}).get("prompt_tokens", 0)))
+
+    def tokenize(self, text: str, add_special: bool = True,
+                 with_pieces: bool = False) -> list[Any]:
+        """Token ids (or ``{id, piece}`` objects) of ``text`` with the model's tokenizer."""
+        out = self.call_json("POST", "/tokenize", {"content": text, "add_special": add_special,
+                                                   "with_pieces": with_pieces})
+        return out.get("tokens", [])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of a list of token ids."""
+        return self.call_json("POST", "/detokenize", {"tokens": tokens}).get("content", "")
+
+    def apply_template(self, req: InternalRequest) -> str:
+        """The prompt text the engine would build for a chat request."""
+        payload = build_chat_payload(req)
+        body = {k: payload[k] for k in ("messages", "tools", "tool_choice",
+                                        "chat_template_kwargs", "add_generation_prompt")
+                if k in payload}
+        return self.call_json("POST", "/apply-template", body).get("prompt", "")

@@ -1,0 +1,263 @@
+"""The neutral types every dialect translates to and from.
+
+Adapters turn a wire body into one ``InternalRequest``; the executor turns engine output into a
+stream of internal events (``TextDelta``, ``ReasoningDelta``, ``ToolCallDelta``, ``Finish``);
+adapters turn those events into their own frames. Nothing here knows any dialect.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ToolCall:
+    """A complete function call made by the model; ``arguments`` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+@dataclass
+class Message:
+    """One chat message in neutral form."""
+
+    role: str  # system | user | assistant | tool
+    content: str = ""
+    images: list[str] = field(default_factory=list)  # base64 payloads or data URLs
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None  # tool name for role "tool"
+    reasoning: str | None = None  # earlier reasoning sent back by the client
+
+
+@dataclass
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object",
+                                                                 "properties": {}})
+
+
+@dataclass
+class InternalRequest:
+    """One generation request, whatever dialect it came in.
+
+    Exactly one of ``messages`` (chat) and ``prompt`` (raw text or token ids) is set.
+    ``None`` for a sampling field means "the model's or engine's default".
+    ``reasoning``: True splits ``<think>`` reasoning into its own channel, False removes it,
+    None follows the service's ``preserve_think_tags`` setting.
+    """
+
+    model: str
+    dialect: str = "openai"
+    messages: list[Message] | None = None
+    prompt: str | list[int] | None = None
+    suffix: str | None = None
+    raw: bool = False  # prompt is sent as is, without the chat template
+
+    max_tokens: int | None = None
+    min_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+
+    stream: bool = False
+    json_schema: dict[str, Any] | None = None  # {} means "any JSON object"
+    grammar: str | None = None  # GBNF
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] | None = None  # auto | none | required | {"name": …}
+    parallel_tool_calls: bool | None = None
+    reasoning: bool | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    logprobs: bool = False
+    top_logprobs: int = 0
+    return_tokens: bool = False
+
+    num_ctx: int | None = None
+    keep_alive: float | None = None  # seconds; negative keeps the model loaded forever
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def is_chat(self) -> bool:
+        """True for a chat request (messages), False for a raw prompt."""
+        return self.messages is not None
+
+
+@dataclass
+class TokenInfo:
+    """One generated token as the engine reported it."""
+
+    id: int | None
+    text: str
+    logprob: float | None = None
+    bytes: list[int] | None = None
+    top: list[tuple[str, float, int | None]] = field(default_factory=list)  # (text, lp, id)
+
+
+@dataclass
+class TextDelta:
+    """Answer text generated since the last event."""
+
+    text: str
+    tokens: list[TokenInfo] = field(default_factory=list)
+
+
+@dataclass
+class ReasoningDelta:
+    """Reasoning (``<think>``) text generated since the last event."""
+
+    text: str
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of a tool call: the first piece of each call carries ``id`` and ``name``."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class Usage:
+    """Token counts and engine timings of one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0
+    load_ms: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Finish:
+    """The end of a generation.
+
+    ``reason``: ``stop`` (end of sequence), ``stop_sequence`` (``stop_sequence`` holds the
+    matched string), ``length`` (max tokens or context), ``tool_calls``.
+    """
+
+    reason: str
+    usage: Usage = field(default_factory=Usage)
+    stop_sequence: str | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    prompt_tokens_ids: list[int] | None = None
+
+
+Event = TextDelta | ReasoningDelta | ToolCallDelta | Finish
+
+
+class RequestState(enum.StrEnum):
+    """Life cycle of a tracked request."""
+
+    QUEUED = "queued"
+    LOADING = "loading"
+    PROCESSING = "processing"  # prompt evaluation, before the first token
+    GENERATING = "generating"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class RequestStatus:
+    """What the tracker knows about one request; ``to_dict`` is the /api/progress body."""
+
+    id: str
+    model: str
+    dialect: str
+    endpoint: str = ""
+    stream: bool = False
+    state: RequestState = RequestState.QUEUED
+    created: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    prompt_tokens: int = 0
+    tokens_generated: int = 0
+    max_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        """Time to first token in milliseconds, once known."""
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.started) * 1000.0
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed since the first token."""
+        if self.first_token_at is None or self.tokens_generated < 2:
+            return None
+        end = self.finished_at or time.monotonic()
+        elapsed = end - self.first_token_at
+        return (self.tokens_generated - 1) / elapsed if elapsed > 0 else None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the request arrived (until it finished)."""
+        return (self.finished_at or time.monotonic()) - self.started
+
+    @property
+    def done(self) -> bool:
+        """True once the request reached a final state."""
+        return self.state in (RequestState.COMPLETED, RequestState.FAILED,
+                              RequestState.CANCELLED)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the progress API and the dashboard."""
+        progress = None
+        if self.max_tokens:
+            progress = min(1.0, self.tokens_generated / self.max_tokens)
+        if self.state == RequestState.COMPLETED:
+            progress = 1.0
+        return {
+            "id": self.id,
+            "model": self.model,
+            "dialect": self.dialect,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "state": self.state.value,
+            "created": self.created,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "prompt_tokens": self.prompt_tokens,
+            "tokens_generated": self.tokens_generated,
+            "max_tokens": self.max_tokens,
+            "progress": progress,
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "tokens_per_second": (None if self.tokens_per_second is None
+                                  else round(self.tokens_per_second, 2)),
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+        }

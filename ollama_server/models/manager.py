@@ -1,0 +1,391 @@
+"""ModelManager: model discovery, name resolution, and the load/unload policy of engines.
+
+Discovery reads the Ollama store (manifests and blobs) and plain GGUF folders; the truth about a
+model comes from its GGUF header. Loading keeps one LLAMAExecutor per model, at most
+``max_loaded_models`` of them (least recently used idle model evicted first), each unloaded
+``keep_alive`` seconds after its last request ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import Config
+from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
+from ..core.executor import EngineSettings, LLAMAExecutor
+from .gguf_meta import quantization_name, read_header
+from .schemas import ModelInfo
+from .store import ModelName, OllamaStore
+
+log = logging.getLogger(__name__)
+
+ExecutorFactory = Callable[[ModelInfo, int], LLAMAExecutor]
+
+
+@dataclass
+class LoadedModel:
+    """A model whose engine is loaded (or loading)."""
+
+    info: ModelInfo
+    engine: LLAMAExecutor
+    loaded_at: float
+    last_used: float
+    expires_at: float | None  # monotonic deadline; None: never while idle
+    keep_alive: float
+    in_flight: int = 0
+
+    @property
+    def ctx_size(self) -> int:
+        """The context the engine runs with."""
+        return self.engine.ctx_size
+
+
+def pick_evictions(loaded: dict[str, LoadedModel], wanted: str, cap: int) -> list[str]:
+    """Names to unload so that ``wanted`` fits under ``cap``: idle ones, least recent first.
+
+    Pure; returns fewer than needed when busy models are in the way.
+    """
+    if wanted in loaded or len(loaded) < cap:
+        return []
+    need = len(loaded) - cap + 1
+    idle = sorted((m for m in loaded.values() if m.in_flight == 0), key=lambda m: m.last_used)
+    return [m.info.name for m in idle[:need]]
+
+
+class ModelManager:
+    """Finds models and hands out ready engines for them."""
+
+    def __init__(self, config: Config, executor_factory: ExecutorFactory | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 engine_binary: Path | None = None) -> None:
+        self.config = config
+        self.store = OllamaStore(config.models_path, config.manifests_path)
+        self.clock = clock
+        self._engine_binary = engine_binary
+        self._factory = executor_factory or self._default_factory
+        self._lock = threading.Condition()
+        self._loaded: dict[str, LoadedModel] = {}
+        self._info_cache: dict[tuple[str, float], ModelInfo] = {}
+        self._closed = False
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                        name="model-keepalive")
+        self._reaper.start()
+
+    # --- engines -------------------------------------------------------------------------
+
+    def engine_settings(self) -> EngineSettings:
+        """EngineSettings from the configuration (the binary resolved once)."""
+        if self._engine_binary is None:
+            from ..provision.engine import resolve_binary
+
+            self._engine_binary = resolve_binary(self.config.llama_cpp_path)
+        c = self.config
+        return EngineSettings(binary=self._engine_binary, threads=c.threads,
+                              batch_size=c.batch_size, gpu_layers=c.gpu_layers,
+                              tensor_split=c.tensor_split, parallel=c.parallel,
+                              embeddings=c.embeddings, startup_timeout=c.startup_timeout,
+                              request_timeout=c.request_timeout)
+
+    def _default_factory(self, info: ModelInfo, ctx_size: int) -> LLAMAExecutor:
+        return LLAMAExecutor(info.path, self.engine_settings(), ctx_size, name=info.name,
+                             pooling=info.pooling, projector=info.projector)
+
+    # --- discovery -----------------------------------------------------------------------
+
+    def _info_from_manifest(self, name: ModelName, path: Path) -> ModelInfo | None:
+        mtime = path.stat().st_mtime
+        cached = self._info_cache.get((str(path), mtime))
+        if cached is not None:
+            return cached
+        try:
+            manifest = self.store.read_manifest(path)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping unreadable manifest %s: %s", path, exc)
+            return None
+        model_layer = self.store.layer(manifest, "model")
+        if model_layer is None:
+            return None
+        try:
+            gguf_path = self.store.blob_path(model_layer["digest"])
+        except (KeyError, InvalidRequest):
+            return None
+        if not gguf_path.is_file():
+            log.warning("manifest %s names a missing blob %s", path, gguf_path.name)
+            return None
+        info = self._info_from_gguf(name.short, gguf_path, "ollama")
+        if info is None:
+            return None
+        import hashlib
+
+        info.digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        info.modified_at = mtime
+        info.layers = manifest.get("layers", [])
+        info.size = sum(int(layer.get("size", 0)) for layer in info.layers) + int(
+            (manifest.get("config") or {}).get("size", 0))
+        params_text = self.store.read_layer_text(manifest, "params")
+        if params_text:
+            try:
+                params = json.loads(params_text)
+                info.params = params if isinstance(params, dict) else {}
+            except ValueError:
+                log.warning("params layer of %s is not JSON", name.short)
+        info.system = self.store.read_layer_text(manifest, "system")
+        info.template = (self.store.read_layer_text(manifest, "template")
+                         or self.store.read_layer_text(manifest, "prompt"))
+        info.license = [text for layer in manifest.get("layers", [])
+                        if layer.get("mediaType", "").endswith(".license")
+                        for text in [self._blob_text(layer)] if text]
+        projector = self.store.layer(manifest, "projector")
+        if projector is not None:
+            proj_path = self.store.blob_path(projector["digest"])
+            info.projector = proj_path if proj_path.is_file() else None
+        self._info_cache[(str(path), mtime)] = info
+        return info
+
+    def _blob_text(self, layer: dict[str, Any]) -> str | None:
+        try:
+            return self.store.blob_path(layer["digest"]).read_text(encoding="utf-8")
+        except (OSError, KeyError, InvalidRequest, UnicodeDecodeError):
+            return None
+
+    def _info_from_gguf(self, name: str, path: Path, source: str) -> ModelInfo | None:
+        try:
+            header = read_header(path)
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read GGUF header of %s: %s", path, exc)
+            return None
+        st = path.stat()
+        arch = header.architecture
+        file_type = header.get("general.file_type")
+        pooling = header.arch_value("pooling_type")
+        pooling_names = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+        return ModelInfo(
+            name=name, path=path, source=source, size=st.st_size, modified_at=st.st_mtime,
+            architecture=arch,
+            context_length=int(header.arch_value("context_length") or 0),
+            embedding_length=int(header.arch_value("embedding_length") or 0),
+            block_count=int(header.arch_value("block_count") or 0),
+            parameter_count=header.parameter_count,
+            file_type=None if file_type is None else int(file_type),
+            quantization_level=quantization_name(file_type),
+            family=arch, families=[arch] if arch else [],
+            chat_template=header.get("tokenizer.chat_template"),
+            metadata={k: v for k, v in header.metadata.items()
+                      if k not in ("general.name", "tokenizer.chat_template")},
+            pooling=pooling_names.get(pooling) if pooling is not None else None,
+        )
+
+    def _gguf_files(self) -> list[Path]:
+        folders = [self.config.models_path] + [Path(d).expanduser() for d in
+                                               self.config.gguf_dirs]
+        files: list[Path] = []
+        for folder in folders:
+            if folder.is_dir():
+                files += sorted(p for p in folder.glob("*.gguf") if p.is_file()
+                                and "mmproj" not in p.name.lower())
+        return files
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every model in the Ollama store and the GGUF folders, sorted by name."""
+        found: dict[str, ModelInfo] = {}
+        for name, path in self.store.iter_manifests():
+            info = self._info_from_manifest(name, path)
+            if info is not None:
+                found.setdefault(info.name, info)
+        for path in self._gguf_files():
+            info = self._gguf_folder_info(path)
+            if info is not None:
+                found.setdefault(info.name, info)
+        return sorted(found.values(), key=lambda i: i.name)
+
+    def _gguf_folder_info(self, path: Path) -> ModelInfo | None:
+        key = (str(path), path.stat().st_mtime)
+        cached = self._info_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            short = ModelName.parse(path.stem).short
+        except InvalidRequest:
+            return None
+        info = self._info_from_gguf(short, path, "gguf")
+        if info is not None:
+            import hashlib
+
+            info.digest = hashlib.sha256(str(path).encode()).hexdigest()
+            mmproj = next(iter(sorted(path.parent.glob(f"{path.stem}*mmproj*.gguf"))), None)
+            info.projector = mmproj
+            self._info_cache[key] = info
+        return info
+
+    def resolve(self, name: str | None) -> ModelInfo:
+        """The model a client's name refers to; ModelNotFound or InvalidRequest otherwise.
+
+        Names resolve the way Ollama does: a missing tag means ``latest``, the default host
+        and namespace may be left out, and case does not matter.
+        """
+        parsed = ModelName.parse(name or "")
+        path = parsed.manifest_path(self.store.manifests_dir)
+        if path.is_file():
+            info = self._info_from_manifest(parsed, path)
+            if info is not None:
+                return info
+        wanted = parsed.short.lower()
+        for info in self.list_models():
+            if info.name.lower() == wanted:
+                return info
+        raise ModelNotFound(name or "")
+
+    # --- load policy ---------------------------------------------------------------------
+
+    def context_for(self, info: ModelInfo, requested: int | None = None,
+                    current: int | None = None) -> int:
+        """The context to run ``info`` with: trained context capped by the default, raised
+        (up to the model's maximum) when a request asks for more."""
+        trained = info.context_length or self.config.default_context_size
+        ctx = min(trained, self.config.default_context_size)
+        if current:
+            ctx = max(ctx, current)
+        if requested and requested > ctx:
+            ctx = min(int(requested), trained) if info.context_length else int(requested)
+        return max(ctx, 256)
+
+    def acquire(self, info: ModelInfo, num_ctx: int | None = None) -> tuple[LLAMAExecutor, float]:
+        """A ready engine for ``info`` and the seconds spent loading it; pair with release().
+
+        Loads the model (evicting idle ones over the cap) or restarts it with a larger context
+        when ``num_ctx`` asks for more than it runs with.
+        """
+        to_stop: list[LLAMAExecutor] = []
+        with self._lock:
+            deadline = self.clock() + self.config.request_timeout
+            while True:
+                entry = self._loaded.get(info.name)
+                if entry is not None or len(self._loaded) < self.config.max_loaded_models:
+                    break
+                evict = pick_evictions(self._loaded, info.name, self.config.max_loaded_models)
+                if evict:
+                    for name in evict:
+                        to_stop.append(self._loaded.pop(name).engine)
+                    break
+                if self.clock() > deadline:
+                    raise Overloaded("every loaded model is busy and the cap on loaded models "
+                                     f"({self.config.max_loaded_models}) is reached")
+                self._lock.wait(timeout=0.5)
+            if entry is None:
+                ctx = self.context_for(info, num_ctx)
+                now = self.clock()
+                entry = LoadedModel(info=info, engine=self._factory(info, ctx), loaded_at=now,
+                                    last_used=now, expires_at=None,
+                                    keep_alive=self.config.keep_alive)
+                self._loaded[info.name] = entry
+            elif num_ctx and self.context_for(info, num_ctx, entry.ctx_size) > entry.ctx_size:
+                new_ctx = self.context_for(info, num_ctx, entry.ctx_size)
+                log.info("raising the context of %s from %d to %d", info.name, entry.ctx_size,
+                         new_ctx)
+                entry.engine.stop()
+                entry.engine.ctx_size = new_ctx
+            entry.in_flight += 1
+            entry.last_used = self.clock()
+            entry.expires_at = None
+        for engine in to_stop:
+            log.info("unloading %s to make room for %s", engine.name, info.name)
+            engine.stop()
+        try:
+            load_s = entry.engine.ensure_ready()
+        except BaseException:
+            self.release(info.name, keep_alive=None)
+            raise
+        return entry.engine, load_s
+
+    def release(self, name: str, keep_alive: float | None = None) -> None:
+        """End one use of a model; it stays loaded ``keep_alive`` seconds (None: default,
+        negative: forever, 0: unload now when idle)."""
+        stop: LLAMAExecutor | None = None
+        with self._lock:
+            entry = self._loaded.get(name)
+            if entry is None:
+                return
+            entry.in_flight = max(0, entry.in_flight - 1)
+            entry.last_used = self.clock()
+            if keep_alive is not None:
+                entry.keep_alive = keep_alive
+            if entry.in_flight == 0:
+                if entry.keep_alive == 0:
+                    stop = self._loaded.pop(name).engine
+                elif entry.keep_alive < 0:
+                    entry.expires_at = None
+                else:
+                    entry.expires_at = self.clock() + entry.keep_alive
+            self._lock.notify_all()
+        if stop is not None:
+            stop.stop()
+
+    def unload(self, name: str) -> bool:
+        """Stop a model's engine now; False when it was not loaded."""
+        with self._lock:
+            entry = self._loaded.pop(name, None)
+            self._lock.notify_all()
+        if entry is None:
+            return False
+        entry.engine.stop()
+        return True
+
+    def loaded(self) -> list[LoadedModel]:
+        """Loaded models, the one that expires last first (as /api/ps lists them)."""
+        with self._lock:
+            entries = list(self._loaded.values())
+        return sorted(entries, key=lambda e: (e.expires_at is not None,
+                                              -(e.expires_at or 0.0)))
+
+    def loaded_entry(self, name: str) -> LoadedModel | None:
+        """The loaded entry for a model name, if any."""
+        with self._lock:
+            return self._loaded.get(name)
+
+    def _reap_loop(self) -> None:
+        while not self._closed:
+            expired: list[LLAMAExecutor] = []
+            with self._lock:
+                now = self.clock()
+                for name, entry in list(self._loaded.items()):
+                    if entry.in_flight == 0 and entry.expires_at is not None \
+                            and entry.expires_at <= now:
+                        expired.append(self._loaded.pop(name).engine)
+                if not expired:
+                    self._lock.wait(timeout=1.0)
+            for engine in expired:
+                log.info("keep_alive expired for %s; unloading", engine.name)
+                engine.stop()
+
+    def shutdown(self) -> None:
+        """Stop every engine (the service is stopping)."""
+        self._closed = True
+        with self._lock:
+            entries = list(self._loaded.values())
+            self._loaded.clear()
+            self._lock.notify_all()
+        for entry in entries:
+            entry.engine.stop()
+
+    def engine_restarts(self) -> int:
+        """Total restarts of the loaded engines (for metrics)."""
+        with self._lock:
+            return sum(e.engine.restarts for e in self._loaded.values())
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,275 @@
+"""The Ollama model store on disk: names, manifests, blobs, and atomic writes.
+
+Layout (``$OLLAMA_MODELS``)::
+
+    manifests/<host>/<namespace>/<model>/<tag>   JSON manifest (schemaVersion 2)
+    blobs/sha256-<64 hex>                          content-addressed layers
+
+Names are ``[host/][namespace/]model[:tag]`` with defaults ``registry.ollama.ai``, ``library``
+and ``latest``. A name that could leave the store (``..``, absolute paths, odd characters) is
+rejected before any path is built from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+from ..core.errors import InvalidRequest
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+
+MEDIA_PREFIX = "application/vnd.ollama.image."
+MANIFEST_MEDIA = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_MEDIA = "application/vnd.docker.container.image.v1+json"
+
+_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
+_HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,349}(:[0-9]{1,5})?$")
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
+_DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """A parsed, validated model name."""
+
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    @classmethod
+    def parse(cls, name: str) -> "ModelName":
+        """Parse ``[host/][namespace/]model[:tag]``; raise InvalidRequest when it is unsafe."""
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidRequest("model is required", param="model")
+        text = name.strip()
+        if text.startswith("/") or "\\" in text or "\x00" in text:
+            raise InvalidRequest(f"invalid model name {name!r}", param="model")
+        tag = DEFAULT_TAG
+        slash = text.rfind("/")
+        colon = text.rfind(":")
+        if colon > slash:
+            text, tag = text[:colon], text[colon + 1:]
+        parts = text.split("/")
+        if len(parts) == 1:
+            host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
+        elif len(parts) == 2:
+            host, namespace, model = DEFAULT_HOST, parts[0], parts[1]
+        elif len(parts) == 3:
+            host, namespace, model = parts
+        else:
+            raise InvalidRequest(f"invalid model name {name!r}", param="model")
+        ok = (_HOST.match(host) and _PART.match(namespace) and _PART.match(model)
+              and _TAG.match(tag) and ".." not in f"{host}/{namespace}/{model}/{tag}")
+        if not ok:
+            raise InvalidRequest(f"invalid model name {name!r}", param="model")
+        return cls(host, namespace, model, tag)
+
+    @property
+    def short(self) -> str:
+        """The name as Ollama shows it: defaults left out, tag always shown."""
+        if self.host == DEFAULT_HOST and self.namespace == DEFAULT_NAMESPACE:
+            return f"{self.model}:{self.tag}"
+        if self.host == DEFAULT_HOST:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    def manifest_path(self, manifests_dir: Path) -> Path:
+        """Where this name's manifest lives in a store."""
+        return manifests_dir / self.host / self.namespace / self.model / self.tag
+
+
+def digest_to_hex(digest: str) -> str:
+    """``sha256:<hex>`` or ``sha256-<hex>`` → ``<hex>``; InvalidRequest when malformed."""
+    match = _DIGEST.match(digest or "")
+    if not match:
+        raise InvalidRequest(f"invalid digest {digest!r}", param="digest")
+    return match.group(1)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class OllamaStore:
+    """Read and write one Ollama-layout model store."""
+
+    def __init__(self, models_dir: Path, manifests_dir: Path | None = None) -> None:
+        self.root = Path(models_dir)
+        self.manifests_dir = Path(manifests_dir) if manifests_dir else self.root / "manifests"
+        self.blobs_dir = self.root / "blobs"
+
+    def blob_path(self, digest: str) -> Path:
+        """Path of a blob from its ``sha256:<hex>`` digest."""
+        return self.blobs_dir / f"sha256-{digest_to_hex(digest)}"
+
+    def iter_manifests(self) -> Iterator[tuple[ModelName, Path]]:
+        """Every manifest in the store as (name, path); malformed entries are skipped."""
+        if not self.manifests_dir.is_dir():
+            return
+        for path in sorted(self.manifests_dir.glob("*/*/*/*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            host, namespace, model = path.parts[-4], path.parts[-3], path.parts[-2]
+            try:
+                name = ModelName.parse(f"{host}/{namespace}/{model}:{path.name}")
+            except InvalidRequest:
+                continue
+            yield name, path
+
+    @staticmethod
+    def read_manifest(path: Path) -> dict[str, Any]:
+        """Parse one manifest file."""
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def layer(self, manifest: dict[str, Any], kind: str) -> dict[str, Any] | None:
+        """The first layer of ``kind`` (``model``, ``params``, ``system``…) in a manifest."""
+        for layer in manifest.get("layers", []):
+            if layer.get("mediaType") == MEDIA_PREFIX + kind:
+                return layer
+        return None
+
+    def read_layer_text(self, manifest: dict[str, Any], kind: str) -> str | None:
+        """The text of a small layer (params, system, template, license)."""
+        layer = self.layer(manifest, kind)
+        if layer is None:
+            return None
+        try:
+            return self.blob_path(layer["digest"]).read_text(encoding="utf-8")
+        except (OSError, KeyError, InvalidRequest, UnicodeDecodeError):
+            return None
+
+    # --- writes: temp file in the same folder, verified, then renamed ------------------------
+
+    def write_blob(self, stream: IO[bytes], expected_hex: str | None = None,
+                   chunk: int = 1 << 20) -> tuple[str, int]:
+        """Copy ``stream`` into a blob atomically; return (hex digest, size).
+
+        The data goes to a temp file first; the digest is checked against ``expected_hex``
+        when given (InvalidRequest on a mismatch, nothing left behind), then renamed.
+        """
+        self.blobs_dir.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=self.blobs_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for data in iter(lambda: stream.read(chunk), b""):
+                    h.update(data)
+                    out.write(data)
+                    size += len(data)
+                out.flush()
+                os.fsync(out.fileno())
+            got = h.hexdigest()
+            if expected_hex is not None and got != expected_hex:
+                raise InvalidRequest(f"digest mismatch, expected sha256:{expected_hex}, "
+                                     f"got sha256:{got}", param="digest")
+            target = self.blobs_dir / f"sha256-{got}"
+            if target.exists():
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, target)
+            return got, size
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def write_bytes_blob(self, data: bytes) -> tuple[str, int]:
+        """Store a small in-memory layer (params, system); return (hex digest, size)."""
+        import io
+
+        return self.write_blob(io.BytesIO(data))
+
+    def write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> Path:
+        """Write a manifest atomically (temp file, then rename)."""
+        path = name.manifest_path(self.manifests_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = json.dumps(manifest, separators=(",", ":")).encode()
+        fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def build_manifest(self, layers: list[dict[str, Any]], config: dict[str, Any]
+                       ) -> dict[str, Any]:
+        """A schemaVersion 2 manifest over ``layers`` with ``config`` stored as a blob."""
+        cfg_hex, cfg_size = self.write_bytes_blob(json.dumps(config).encode())
+        return {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA,
+            "config": {"mediaType": CONFIG_MEDIA, "digest": f"sha256:{cfg_hex}",
+                       "size": cfg_size},
+            "layers": layers,
+        }
+
+    def referenced_blobs(self) -> set[str]:
+        """Hex digests used by any manifest in the store (config and layers)."""
+        used: set[str] = set()
+        for _, path in self.iter_manifests():
+            try:
+                manifest = self.read_manifest(path)
+            except (OSError, ValueError):
+                continue
+            for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
+                try:
+                    used.add(digest_to_hex(entry.get("digest", "")))
+                except InvalidRequest:
+                    continue
+        return used
+
+    def delete(self, name: ModelName) -> bool:
+        """Remove a manifest and the blobs no other manifest uses; False when absent."""
+        path = name.manifest_path(self.manifests_dir)
+        if not path.is_file():
+            return False
+        try:
+            manifest = self.read_manifest(path)
+        except (OSError, ValueError):
+            manifest = {}
+        path.unlink()
+        still_used = self.referenced_blobs()
+        for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
+            try:
+                hex_digest = digest_to_hex(entry.get("digest", ""))
+            except InvalidRequest:
+                continue
+            if hex_digest not in still_used:
+                (self.blobs_dir / f"sha256-{hex_digest}").unlink(missing_ok=True)
+        # Tidy empty folders left behind (never the manifests root itself).
+        parent = path.parent
+        while parent != self.manifests_dir and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+        return True
+
+    def copy(self, source: ModelName, destination: ModelName) -> bool:
+        """Point ``destination`` at ``source``'s manifest; False when the source is absent."""
+        path = source.manifest_path(self.manifests_dir)
+        if not path.is_file():
+            return False
+        self.write_manifest(destination, self.read_manifest(path))
+        return True
