@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app
+from flask import current_app, g, has_request_context
 
 from ..config import Config
 from ..core.errors import Cancelled, ContextLengthExceeded, ServiceError, Unsupported
@@ -202,11 +202,19 @@ def _bigger_context(info: ModelInfo, prompt_tokens: int, max_tokens: int | None)
     return min(ctx, info.context_length) if info.context_length else ctx
 
 
+def _adopt_request_id(req: InternalRequest, svc: Services) -> None:
+    """Track the request under the id its response carries (X-Request-Id), when unused."""
+    rid = g.get("request_id") if has_request_context() else None
+    if rid and svc.tracker.get(rid) is None:
+        req.request_id = rid
+
+
 def start_generation(req: InternalRequest, endpoint: str, svc: Services | None = None
                      ) -> Generation:
     """Resolve, load, send, and wait for the engine's first result; raise typed errors."""
     svc = svc or services()
     started = time.monotonic()
+    _adopt_request_id(req, svc)
     info = svc.manager.resolve(req.model)
     apply_model_defaults(req, info)
     _check_capabilities(req, info)
@@ -225,9 +233,8 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
             # The model was trained for more than it runs with: reload it bigger, once.
             if not (info.context_length and exc.prompt_tokens < info.context_length
                     and engine.ctx_size < info.context_length):
-                raise ContextLengthExceeded(exc.prompt_tokens, engine.ctx_size if
-                                            engine.ctx_size >= info.context_length else
-                                            info.context_length) from None
+                limit = max(engine.ctx_size, info.context_length)
+                raise ContextLengthExceeded(exc.prompt_tokens, limit) from None
             svc.manager.release(info.name)
             acquired = False
             engine, more_s = svc.manager.acquire(

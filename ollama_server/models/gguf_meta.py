@@ -1,11 +1,17 @@
 """Read a GGUF header (metadata and tensor shapes) without loading the weights.
 
+The header is walked directly (long arrays such as the vocabulary are skipped, not decoded),
+which takes milliseconds where a full reader takes seconds; the ``gguf`` package gives the
+file-type names.
+
 Results are cached by (path, size, mtime): the header of a multi-GB file is read once.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,50 +46,103 @@ _cache: dict[tuple[str, int, float], GGUFHeader] = {}
 _lock = threading.Lock()
 
 
-def _value(reader_field: Any) -> tuple[Any, int | None]:
-    """(value, array length or None); long arrays come back as None with their length."""
-    from gguf import GGUFValueType
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
 
-    types = reader_field.types
-    if types and types[0] == GGUFValueType.ARRAY:
-        n = len(reader_field.data)
-        if n > _ARRAY_PREVIEW:
-            return None, n
-        return reader_field.contents(), n
-    value = reader_field.contents()
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    return value, None
+
+class _Cursor:
+    """Little-endian reads over a memory-mapped file."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def unpack(self, fmt: str) -> Any:
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_string(self) -> None:
+        self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+
+    def value(self, kind: int) -> tuple[Any, int | None]:
+        """(value, array length or None); arrays over the preview size come back as None."""
+        if kind == _STRING:
+            return self.string(), None
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind]), None
+        if kind != _ARRAY:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        elem, count = self.unpack("<I"), self.unpack("<Q")
+        if count <= _ARRAY_PREVIEW:
+            return [self.value(elem)[0] for _ in range(count)], count
+        if elem == _STRING:
+            for _ in range(count):
+                self.skip_string()
+        elif elem in _SCALARS:
+            self.pos += count * struct.calcsize(_SCALARS[elem])
+        else:
+            for _ in range(count):
+                self.value(elem)
+        return None, count
+
+
+def _parse(buf: mmap.mmap) -> GGUFHeader:
+    cur = _Cursor(buf)
+    if buf[:4] != b"GGUF":
+        raise ValueError("not a GGUF file (bad magic)")
+    cur.pos = 4
+    version = cur.unpack("<I")
+    if version < 2 or version > 0xFFFF:
+        raise ValueError(f"unsupported GGUF version {version} (or a big-endian file)")
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    header = GGUFHeader()
+    for _ in range(n_kv):
+        key = cur.string()
+        value, length = cur.value(cur.unpack("<I"))
+        if length is not None:
+            header.array_lengths[key] = length
+        if value is not None:
+            header.metadata[key] = value
+    total = 0
+    for _ in range(n_tensors):
+        cur.skip_string()
+        n_dims = cur.unpack("<I")
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, cur.pos)
+        cur.pos += 8 * n_dims + 4 + 8  # dims, type, offset
+        count = 1
+        for d in dims:
+            count *= d
+        total += count
+    header.parameter_count = int(header.metadata.get("general.parameter_count") or 0) or total
+    return header
 
 
 def read_header(path: Path) -> GGUFHeader:
     """Parse the header of ``path`` (cached); raises ValueError when it is not a GGUF file."""
     st = os.stat(path)
     key = (str(path), st.st_size, st.st_mtime)
-    with _lock:
+    with _lock:  # one parse per file, even when many requests ask at once
         cached = _cache.get(key)
-    if cached is not None:
-        return cached
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (bad magic)")
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path), "r")
-    header = GGUFHeader()
-    for name, reader_field in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        value, length = _value(reader_field)
-        if length is not None:
-            header.array_lengths[name] = length
-        if value is not None:
-            header.metadata[name] = value
-    header.parameter_count = int(header.metadata.get("general.parameter_count") or 0) or sum(
-        int(t.n_elements) for t in reader.tensors)
-    with _lock:
+        if cached is not None:
+            return cached
+        with open(path, "rb") as fh:
+            if st.st_size < 24:
+                raise ValueError(f"{path} is not a GGUF file (too small)")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                try:
+                    header = _parse(buf)
+                except (struct.error, ValueError, IndexError) as exc:
+                    raise ValueError(f"{path}: {exc}") from None
         _cache[key] = header
-    return header
+        return header
 
 
 def quantization_name(file_type: int | None) -> str:

