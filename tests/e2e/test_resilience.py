@@ -1,0 +1,106 @@
+"""Failure paths of the real service: disconnects, engine crashes, shutdown, big prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import openai
+import pytest
+import requests
+
+from tests.helpers import ServiceProcess, pid_alive
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2:135m"
+
+
+def engine_of(base_url: str, model: str = MODEL) -> dict:
+    for m in requests.get(base_url + "/health", timeout=10).json()["models_loaded"]:
+        if m["name"] == model:
+            return m
+    raise AssertionError(f"{model} is not loaded")
+
+
+def slots_busy(port: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/slots", timeout=5) as resp:
+        return any(s.get("is_processing") for s in json.load(resp))
+
+
+def test_client_disconnect_stops_generation_in_engine(base_url):
+    resp = requests.post(base_url + "/v1/chat/completions", stream=True, timeout=60, json={
+        "model": MODEL, "stream": True, "max_tokens": 3000, "ignore_eos": True,
+        "messages": [{"role": "user", "content": "Write a very long story."}]})
+    lines = resp.iter_lines()
+    got = 0
+    for line in lines:
+        if line.startswith(b"data: "):
+            got += 1
+            if got == 5:
+                break
+    rid = resp.headers["X-Request-Id"]
+    port = engine_of(base_url)["port"]
+    assert slots_busy(port)
+    resp.close()
+    deadline = time.monotonic() + 10
+    while slots_busy(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not slots_busy(port), "the engine kept generating for a client that left"
+    status = requests.get(f"{base_url}/api/progress/{rid}", timeout=5).json()
+    assert status["state"] == "cancelled" and status["tokens_generated"] < 3000
+
+
+def test_engine_killed_mid_request_then_next_request_works(base_url):
+    oai = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
+    oai.chat.completions.create(model=MODEL, max_tokens=1,
+                                messages=[{"role": "user", "content": "hi"}])
+    stream = oai.chat.completions.create(
+        model=MODEL, stream=True, max_tokens=2000, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "Write a very long story."}])
+    with pytest.raises(openai.APIError) as err:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                os.kill(engine_of(base_url)["pid"], signal.SIGKILL)
+    assert "llama-server" in str(err.value.message)
+    resp = oai.chat.completions.create(model=MODEL, max_tokens=3,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert resp.usage.completion_tokens == 3
+    assert engine_of(base_url)["restarts"] >= 1
+
+
+def test_prompt_beyond_default_context_raises_it_up_to_the_trained_one(base_url):
+    # gemma3:270m is trained for 32768 tokens; the service loads it with 8192 and grows it
+    # when a prompt needs more, instead of refusing or truncating.
+    prompt = "apple " * 10000
+    resp = requests.post(base_url + "/v1/completions", timeout=300, json={
+        "model": "gemma3:270m", "prompt": prompt, "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["prompt_tokens"] > 8192
+    assert engine_of(base_url, "gemma3:270m")["context_length"] == 16384
+    resp = requests.post(base_url + "/v1/completions", timeout=60, json={
+        "model": "gemma3:270m", "prompt": "apple " * 40000, "max_tokens": 2})
+    assert resp.status_code == 400
+    assert "32768" in resp.json()["error"]["message"]
+    requests.post(base_url + "/api/generate", json={"model": "gemma3:270m", "keep_alive": 0},
+                  timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_shutdown_stops_every_engine(tmp_path, real_models, engine_binary, sig):
+    svc = ServiceProcess(tmp_path, real_models)
+    try:
+        svc.wait_ready()
+        for model in ("smollm2:135m", "gemma3:270m"):
+            r = requests.post(svc.base_url + "/v1/completions", timeout=120,
+                              json={"model": model, "prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+        engines = svc.engines()
+        assert len(engines) == 2
+    finally:
+        code = svc.stop(sig)
+    assert code == 0, svc.log()
+    assert not [p for p in engines if pid_alive(p)]

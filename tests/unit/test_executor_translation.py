@@ -1,0 +1,131 @@
+"""Pure tests of the executor's translation to and from llama-server's JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ollama_server.core.errors import ContextLengthExceeded, EngineFailed, InvalidRequest, \
+    Overloaded, Unsupported
+from ollama_server.core.executor import (
+    ChatChunkParser,
+    CompletionChunkParser,
+    EngineSettings,
+    LLAMAExecutor,
+    build_chat_payload,
+    build_completion_payload,
+    engine_error,
+)
+from ollama_server.core.schemas import Finish, InternalRequest, Message, TextDelta, Tool, \
+    ToolCall, ToolCallDelta
+
+
+def test_chat_payload_maps_every_field():
+    req = InternalRequest(model="m", messages=[
+        Message("system", "s"), Message("user", "hi", images=["AAAA"]),
+        Message("assistant", "", tool_calls=[ToolCall("call_1", "f", '{"a":1}')]),
+        Message("tool", "42", tool_call_id="call_1", name="f")],
+        max_tokens=7, temperature=0.1, top_k=5, seed=3, stop=["x"], json_schema={},
+        tools=[Tool("f", "d", {"type": "object"})], tool_choice={"name": "f"},
+        logprobs=True, top_logprobs=2)
+    p = build_chat_payload(req)
+    assert p["stream"] is True and p["stream_options"] == {"include_usage": True}
+    assert p["n_predict"] == 7 and p["temperature"] == 0.1 and p["top_k"] == 5
+    assert p["seed"] == 3 and p["stop"] == ["x"]
+    assert p["json_schema"] == {"type": "object"}
+    assert p["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png")
+    assert p["messages"][2]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a":1}'}
+    assert p["messages"][3]["tool_call_id"] == "call_1"
+    assert p["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert p["logprobs"] is True and p["top_logprobs"] == 2
+    assert p["reasoning_format"] == "none"
+    assert "top_p" not in p  # unset fields are left to the model
+
+
+def test_completion_payload_and_infill():
+    path, p = build_completion_payload(InternalRequest(model="m", prompt=[1, 2, 3]))
+    assert path == "/completion" and p["prompt"] == [1, 2, 3] and p["n_predict"] == -1
+    path, p = build_completion_payload(InternalRequest(model="m", prompt="def f(", suffix=")"))
+    assert path == "/infill" and p["input_prefix"] == "def f(" and p["input_suffix"] == ")"
+
+
+def test_chat_parser_text_tools_usage_and_stop_word():
+    parser = ChatChunkParser()
+    events = []
+    for chunk in [
+        {"choices": [{"delta": {"role": "assistant", "content": None}}]},
+        {"choices": [{"delta": {"content": "Hi"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                "function": {"name": "f", "arguments": "{\"a\""}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}],
+         "__verbose": {"stop_type": "word", "stopping_word": "END"}},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3,
+                                  "prompt_tokens_details": {"cached_tokens": 4}},
+         "timings": {"prompt_ms": 1.5, "predicted_ms": 9.0}},
+    ]:
+        events += parser.process(chunk)
+    assert events[0] == TextDelta("Hi")
+    assert events[1] == ToolCallDelta(0, "c1", "f", '{"a"')
+    assert events[2] == ToolCallDelta(0, None, None, ":1}")
+    finish = events[3]
+    assert isinstance(finish, Finish) and finish.reason == "stop_sequence"
+    assert finish.stop_sequence == "END"
+    assert finish.tool_calls == [ToolCall("c1", "f", '{"a":1}')]
+    assert (finish.usage.prompt_tokens, finish.usage.completion_tokens,
+            finish.usage.cached_tokens, finish.usage.prompt_ms) == (9, 3, 4, 1.5)
+
+
+@pytest.mark.parametrize("reason,stop_type,word,expected", [
+    ("stop", "eos", "", "stop"), ("length", "limit", "", "length"),
+    ("tool_calls", "eos", "", "tool_calls"), ("stop", "word", "###", "stop_sequence")])
+def test_chat_finish_reasons(reason, stop_type, word, expected):
+    parser = ChatChunkParser()
+    parser.process({"choices": [{"delta": {}, "finish_reason": reason}],
+                    "__verbose": {"stop_type": stop_type, "stopping_word": word}})
+    (finish,) = parser.process({"choices": [], "usage": {"prompt_tokens": 1,
+                                                         "completion_tokens": 1}})
+    assert finish.reason == expected
+
+
+def test_completion_parser_tokens_and_logprobs():
+    parser = CompletionChunkParser()
+    (delta,) = parser.process({"content": " a", "tokens": [253], "stop": False,
+                               "completion_probabilities": [
+                                   {"id": 253, "token": " a", "logprob": -1.0, "bytes": [32, 97],
+                                    "top_logprobs": [{"id": 253, "token": " a", "logprob": -1.0},
+                                                     {"id": 9, "token": " b",
+                                                      "logprob": -2.0}]}]})
+    assert delta.tokens[0].id == 253 and delta.tokens[0].logprob == -1.0
+    assert delta.tokens[0].top == [(" a", -1.0, 253), (" b", -2.0, 9)]
+    (plain,) = parser.process({"content": "xy", "tokens": [1, 2], "stop": False})
+    assert [t.id for t in plain.tokens] == [1, 2] and plain.tokens[-1].text == "xy"
+    (finish,) = parser.process({"content": "", "stop": True, "stop_type": "limit",
+                                "tokens_predicted": 2, "tokens_evaluated": 3,
+                                "timings": {"cache_n": 1}})
+    assert finish.reason == "length" and finish.usage.prompt_tokens == 3
+
+
+def test_engine_errors_map_by_type():
+    ctx = engine_error(400, json.dumps({"error": {"type": "exceed_context_size_error",
+                                                  "message": "x", "n_prompt_tokens": 9000,
+                                                  "n_ctx": 8192}}))
+    assert isinstance(ctx, ContextLengthExceeded)
+    assert "9000" in ctx.message and "8192" in ctx.message
+    assert isinstance(engine_error(400, '{"error":{"type":"invalid_request_error",'
+                                        '"message":"bad grammar"}}'), InvalidRequest)
+    assert isinstance(engine_error(501, '{"error":{"type":"not_supported_error"}}'), Unsupported)
+    assert isinstance(engine_error(503, "loading"), Overloaded)
+    failed = engine_error(500, "boom", tail="ggml: out of memory")
+    assert isinstance(failed, EngineFailed) and "out of memory" in failed.message
+
+
+def test_command_line_carries_model_flags(tmp_path):
+    settings = EngineSettings(binary=tmp_path / "llama-server", threads=3, batch_size=256,
+                              gpu_layers=99, tensor_split=[3, 1], parallel=8)
+    cmd = LLAMAExecutor(tmp_path / "m.gguf", settings, 4096).command(1234)
+    joined = " ".join(cmd)
+    for flag in ("-c 4096", "--parallel 8", "--threads 3", "-b 256", "-ngl 99",
+                 "--tensor-split 3,1", "--jinja", "--port 1234", "--host 127.0.0.1"):
+        assert flag in joined
