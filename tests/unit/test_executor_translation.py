@@ -6,8 +6,13 @@ import json
 
 import pytest
 
-from ollama_server.core.errors import ContextLengthExceeded, EngineFailed, InvalidRequest, \
-    Overloaded, Unsupported
+from ollama_server.core.errors import (
+    ContextLengthExceeded,
+    EngineFailed,
+    InvalidRequest,
+    Overloaded,
+    Unsupported,
+)
 from ollama_server.core.executor import (
     ChatChunkParser,
     CompletionChunkParser,
@@ -17,8 +22,15 @@ from ollama_server.core.executor import (
     build_completion_payload,
     engine_error,
 )
-from ollama_server.core.schemas import Finish, InternalRequest, Message, TextDelta, Tool, \
-    ToolCall, ToolCallDelta
+from ollama_server.core.schemas import (
+    Finish,
+    InternalRequest,
+    Message,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+)
 
 
 def test_chat_payload_maps_every_field():
@@ -56,8 +68,9 @@ def test_chat_parser_text_tools_usage_and_stop_word():
     for chunk in [
         {"choices": [{"delta": {"role": "assistant", "content": None}}]},
         {"choices": [{"delta": {"content": "Hi"}}]},
-        {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
-                                                "function": {"name": "f", "arguments": "{\"a\""}}]}}]},
+        {"choices": [{"delta": {"tool_calls": [{
+            "index": 0, "id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": "{\"a\""}}]}}]},
         {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}}]},
         {"choices": [{"delta": {}, "finish_reason": "stop"}],
          "__verbose": {"stop_type": "word", "stopping_word": "END"}},

@@ -9,10 +9,20 @@ import pytest
 
 from ollama_server.adapters import openai as oa
 from ollama_server.api.handlers import Result
-from ollama_server.core.errors import ContextLengthExceeded, EngineFailed, InvalidRequest, \
-    ModelNotFound
-from ollama_server.core.schemas import Finish, ReasoningDelta, TextDelta, ToolCall, \
-    ToolCallDelta, Usage
+from ollama_server.core.errors import (
+    ContextLengthExceeded,
+    EngineFailed,
+    InvalidRequest,
+    ModelNotFound,
+)
+from ollama_server.core.schemas import (
+    Finish,
+    ReasoningDelta,
+    TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 MSG = [{"role": "user", "content": "hi"}]
 
