@@ -11,7 +11,6 @@ holds ``llama-server`` on its last line of stdout.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
@@ -20,6 +19,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from ..models.store import sha256_file
 
 SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -90,15 +91,6 @@ def cached_engine(backend: str | None = None) -> Path | None:
     """The cached ``llama-server`` binary, or None when it has not been built."""
     path = engine_dir(backend) / BINARY
     return path if path.is_file() and os.access(path, os.X_OK) else None
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_sdist(dest: Path) -> Path:
