@@ -29,9 +29,12 @@ from ..core.schemas import (
     RequestState,
     TextDelta,
     TokenInfo,
+    Tool,
     ToolCall,
     ToolCallDelta,
 )
+from ..core.tool_fallback import ToolCallExtractor, template_supports_tools
+from ..core.tool_fallback import prepare as prepare_generic_tools
 from ..models.manager import ModelManager
 from ..models.schemas import ModelInfo
 from ..utils.response_processing import ThinkSplitter, reasoning_mode
@@ -100,7 +103,8 @@ class Generation:
 
     def __init__(self, svc: Services, req: InternalRequest, info: ModelInfo,
                  engine: LLAMAExecutor, stream: EngineStream, load_s: float,
-                 cancel: Any, started: float) -> None:
+                 cancel: Any, started: float,
+                 extract_tools: list[Tool] | None = None) -> None:
         self.svc = svc
         self.req = req
         self.info = info
@@ -112,6 +116,7 @@ class Generation:
         self._closed = False
         mode = reasoning_mode(req.reasoning, svc.config.preserve_think_tags)
         self._splitter = ThinkSplitter(mode, starts_in_reasoning=engine.prompt_opens_think)
+        self._extractor = ToolCallExtractor(extract_tools) if extract_tools else None
         self.finish: Finish | None = None
 
     @property
@@ -131,12 +136,18 @@ class Generation:
                 tracker.add_tokens(rid, 1)
             elif isinstance(event, Finish):
                 event.usage.load_ms = self.load_s * 1000.0
+                if (self.req.include_stop_str_in_output and event.reason == "stop_sequence"
+                        and event.stop_sequence):
+                    yield TextDelta(event.stop_sequence)  # the engine cuts it off the text
             yield event
 
     def __iter__(self) -> Iterator[Event]:
         state, error = RequestState.CANCELLED, "client disconnected"
         try:
-            for event in self._splitter.process(self._tracked()):
+            events = self._splitter.process(self._tracked())
+            if self._extractor is not None:
+                events = self._extractor.process(events)
+            for event in events:
                 if isinstance(event, Finish):
                     event.usage.reasoning_tokens = self._splitter.reasoning_chunks
                     self.finish = event
@@ -218,6 +229,9 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
     info = svc.manager.resolve(req.model)
     apply_model_defaults(req, info)
     _check_capabilities(req, info)
+    extract_tools = None
+    if req.tools and not template_supports_tools(info.chat_template):
+        extract_tools = prepare_generic_tools(req)
     tracker = svc.tracker
     cancel = tracker.start(req.request_id, info.name, req.dialect, endpoint=endpoint,
                            stream=req.stream, max_tokens=req.max_tokens)
@@ -227,6 +241,10 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
         engine, load_s = svc.manager.acquire(info, req.num_ctx)
         acquired = True
         tracker.set_state(req.request_id, RequestState.PROCESSING)
+        if req.stop_token_ids:
+            # llama-server stops on strings: a stop token becomes the text of that token.
+            pieces = (engine.detokenize([i]) for i in req.stop_token_ids)
+            req.stop = list(dict.fromkeys([*req.stop, *(p for p in pieces if p)]))
         try:
             stream = engine.open_stream(req)
         except ContextLengthExceeded as exc:
@@ -248,7 +266,7 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
         message = exc.message if isinstance(exc, ServiceError) else str(exc)
         tracker.finish(req.request_id, state=RequestState.FAILED, error=message)
         raise
-    return Generation(svc, req, info, engine, stream, load_s, cancel, started)
+    return Generation(svc, req, info, engine, stream, load_s, cancel, started, extract_tools)
 
 
 def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,

@@ -76,6 +76,8 @@ class InternalRequest:
     frequency_penalty: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # also end the answer (vLLM)
+    include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     ignore_eos: bool = False
     logit_bias: dict[int, float] | None = None
 

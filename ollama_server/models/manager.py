@@ -74,6 +74,7 @@ class ModelManager:
         self._loaded: dict[str, LoadedModel] = {}
         self._info_cache: dict[tuple[str, float], ModelInfo] = {}
         self._closed = False
+        self.aliases: dict[str, str] = {}  # placeholder name → model ("" = default model)
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
                                         name="model-keepalive")
         self._reaper.start()
@@ -240,7 +241,15 @@ class ModelManager:
         for info in self.list_models():
             if info.name.lower() == wanted:
                 return info
+        alias = self.aliases.get((name or "").strip().lower())
+        if alias is not None:  # only when no real model has that name
+            return self.resolve(alias or self.config.default_model)
         raise ModelNotFound(name or "")
+
+    def add_alias(self, name: str, target: str = "") -> None:
+        """Make ``name`` resolve to ``target`` (empty: the default model) when no model of
+        that name exists (placeholder names that some clients send, such as TGI's)."""
+        self.aliases[name.strip().lower()] = target
 
     # --- load policy ---------------------------------------------------------------------
 

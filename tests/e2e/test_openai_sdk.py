@@ -174,3 +174,52 @@ def test_eight_concurrent_streams_run_together(oai):
     # Run one after another, 8 streams take at least the sum of their durations; with
     # parallel slots in one engine they overlap, so the wall time is clearly shorter.
     assert wall < 0.8 * sum(d for _, d, _ in results)
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def test_tool_call_round_trip(oai):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    resp = oai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                       tool_choice="required", max_tokens=60, temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C"}]
+    final = oai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                        tool_choice="none", max_tokens=40, temperature=0)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    alone = oai.chat.completions.create(model=MODEL, messages=messages[:1], max_tokens=1)
+    # the call and its result went back into the prompt
+    assert final.usage.prompt_tokens > alone.usage.prompt_tokens + 10
+
+
+def test_tool_call_streamed(oai):
+    stream = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER_TOOL], tool_choice={"type": "function",
+                                           "function": {"name": "get_weather"}},
+        max_tokens=60, temperature=0, stream=True)
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and calls[0].id
+    args = "".join(tc.function.arguments or "" for tc in calls)
+    assert "city" in json.loads(args)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_chat_logprobs(oai):
+    resp = oai.chat.completions.create(model=MODEL, max_tokens=3, logprobs=True,
+                                       top_logprobs=2,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 3
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
