@@ -294,6 +294,9 @@ def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> In
         req.chat_template_kwargs = dict(kwargs)
         if isinstance(kwargs.get("enable_thinking"), bool):
             req.reasoning = kwargs["enable_thinking"]
+    from .vllm import apply_vllm_extras  # vLLM's extra fields (here: import cycle)
+
+    apply_vllm_extras(body, req)
     return req
 
 
@@ -330,6 +333,9 @@ def openai_completion_to_internal(body: dict[str, Any], dialect: str = "openai"
         if suffix:
             req.suffix = suffix
     _response_format(body, req)
+    from .vllm import apply_vllm_extras  # vLLM's extra fields (here: import cycle)
+
+    apply_vllm_extras(body, req)
     return req
 
 
