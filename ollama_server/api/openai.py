@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from ..adapters import openai as oa
 from .common import (
@@ -77,7 +77,12 @@ def completions() -> Response:
 
 @bp.get("/v1/models")
 def list_models() -> Response:
-    """Every model, as OpenAI model objects."""
+    """Every model, as OpenAI model objects (Anthropic's page with ``anthropic-version``)."""
+    if request.headers.get("anthropic-version"):
+        from ..adapters import claude
+
+        return jsonify(claude.anthropic_models_page(services().manager.list_models(),
+                                                    request.args))
     return jsonify({"object": "list",
                     "data": [oa.model_card(m) for m in services().manager.list_models()]})
 
@@ -85,6 +90,10 @@ def list_models() -> Response:
 @bp.get("/v1/models/<path:model_id>")
 def get_model(model_id: str) -> Response:
     """One model object (404 model_not_found when unknown)."""
+    if request.headers.get("anthropic-version"):
+        from ..adapters import claude
+
+        return jsonify(claude.anthropic_model(services().manager.resolve(model_id)))
     return jsonify(oa.model_card(services().manager.resolve(model_id)))
 
 

@@ -1,0 +1,74 @@
+"""Anthropic Messages API blueprint: ``/v1/messages`` and ``/v1/messages/count_tokens``.
+
+``GET /v1/models`` in Anthropic's shape lives with the OpenAI routes (one path, two dialects:
+an ``anthropic-version`` header picks this shape, API-REFERENCE.md §8). Credentials
+(``x-api-key`` or ``Authorization: Bearer``) are checked app-wide; ``anthropic-version`` and
+``anthropic-beta`` are accepted whatever their value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, g, jsonify
+
+from ..adapters import claude as ca
+from .common import (
+    as_service_error,
+    json_body,
+    register_error_formatter,
+    sse_event,
+    stream_response,
+)
+from .handlers import Generation, apply_model_defaults, start_generation, with_engine
+
+bp = Blueprint("claude", __name__)
+register_error_formatter("anthropic", ca.anthropic_error)
+
+
+@bp.after_request
+def _request_id_header(resp: Response) -> Response:
+    # The anthropic SDK exposes the ``request-id`` header as ``message._request_id``.
+    resp.headers.setdefault("request-id", g.get("request_id", ""))
+    return resp
+
+
+def claude_frames(gen: Generation, converter: ca.ClaudeStream) -> Iterator[str]:
+    """SSE frames (``event:`` + ``data:``) of ``gen``; a failure mid-stream is ``event: error``."""
+    try:
+        for name, data in converter.start():
+            yield sse_event(name, data)
+        for event in gen:
+            for name, data in converter.process(event):
+                yield sse_event(name, data)
+    except Exception as exc:  # noqa: BLE001 - reported in the stream, the status is sent
+        for name, data in converter.error(as_service_error(exc)):
+            yield sse_event(name, data)
+
+
+@bp.post("/v1/messages")
+def messages() -> Response:
+    """Create a message, streamed (SSE events) or not."""
+    body = json_body()
+    req = ca.anthropic_messages_to_internal(body)
+    message_id = ca.new_message_id()
+    gen = start_generation(req, "/v1/messages")
+    model = body["model"]
+    if req.stream:
+        converter = ca.ClaudeStream(model, message_id)
+        return stream_response(claude_frames(gen, converter), "text/event-stream",
+                               on_close=gen.close, headers={"X-Request-Id": gen.request_id})
+    result = gen.collect()
+    return jsonify(ca.internal_to_anthropic_message(result, model, message_id))
+
+
+@bp.post("/v1/messages/count_tokens")
+def count_tokens() -> Response:
+    """``{input_tokens}``: the model's tokenizer over the prompt the engine would build."""
+    body = json_body()
+    req = ca.anthropic_messages_to_internal(body, require_max_tokens=False)
+    with with_engine(req.model) as (engine, info):
+        apply_model_defaults(req, info)  # the model's system prompt is part of what it sees
+        prompt = engine.apply_template(req)
+        tokens = engine.tokenize(prompt, add_special=True)
+    return jsonify({"input_tokens": len(tokens)})
