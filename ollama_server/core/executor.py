@@ -145,13 +145,17 @@ def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
     }
     payload.update(_sampling_fields(req))
     if req.tools:
+        tools = req.tools
+        choice = req.tool_choice
+        if isinstance(choice, dict):
+            # llama-server reads an object tool_choice as "auto": force the named tool by
+            # offering only it, with a call required.
+            tools = [t for t in tools if t.name == choice.get("name")] or tools
+            choice = "required"
         payload["tools"] = [{"type": "function",
                              "function": {"name": t.name, "description": t.description,
-                                          "parameters": t.parameters}} for t in req.tools]
-        if req.tool_choice is not None:
-            choice = req.tool_choice
-            if isinstance(choice, dict):
-                choice = {"type": "function", "function": {"name": choice.get("name", "")}}
+                                          "parameters": t.parameters}} for t in tools]
+        if choice is not None:
             payload["tool_choice"] = choice
         if req.parallel_tool_calls is not None:
             payload["parallel_tool_calls"] = req.parallel_tool_calls
@@ -216,11 +220,25 @@ def _finish_reason(reason: str | None, stop_type: str | None, word: str | None) 
 class ChatChunkParser:
     """Turns llama-server chat stream chunks into internal events; keeps per-stream state."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefill: str | None = None) -> None:
         self.finish_reason: str | None = None
         self.stop_type: str | None = None
         self.stopping_word: str | None = None
         self.tool_calls: dict[int, ToolCall] = {}
+        # llama-server repeats an assistant prefill (the last message) at the start of its
+        # answer; clients expect only the continuation.
+        self._prefill = prefill or None
+        self._held = ""
+
+    def _strip_prefill(self, content: str) -> str:
+        if self._prefill is None or not content:
+            return content
+        self._held += content
+        if len(self._held) < len(self._prefill) and self._prefill.startswith(self._held):
+            return ""  # still inside the echoed prefill
+        held, prefill = self._held, self._prefill
+        self._prefill, self._held = None, ""
+        return held[len(prefill):] if held.startswith(prefill) else held
 
     def process(self, chunk: dict[str, Any]) -> list[Event]:
         """Events for one decoded ``data:`` object."""
@@ -232,7 +250,7 @@ class ChatChunkParser:
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             tokens = _token_infos((choice.get("logprobs") or {}).get("content"))
-            content = delta.get("content")
+            content = self._strip_prefill(delta.get("content") or "")
             if content or tokens:
                 events.append(TextDelta(text=content or "", tokens=tokens))
             for tc in delta.get("tool_calls") or []:
@@ -641,7 +659,9 @@ class LLAMAExecutor:
         parser: ChatChunkParser | CompletionChunkParser
         if req.is_chat:
             path, payload = "/v1/chat/completions", build_chat_payload(req)
-            parser = ChatChunkParser()
+            last = req.messages[-1] if req.messages else None
+            parser = ChatChunkParser(last.content if last and last.role == "assistant"
+                                     and not last.tool_calls else None)
         else:
             path, payload = build_completion_payload(req)
             parser = CompletionChunkParser()

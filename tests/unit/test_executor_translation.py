@@ -49,7 +49,8 @@ def test_chat_payload_maps_every_field():
     assert p["messages"][1]["content"][1]["image_url"]["url"].startswith("data:image/png")
     assert p["messages"][2]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"a":1}'}
     assert p["messages"][3]["tool_call_id"] == "call_1"
-    assert p["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert p["tool_choice"] == "required"  # a named tool: only it is offered, and required
+    assert [t["function"]["name"] for t in p["tools"]] == ["f"]
     assert p["logprobs"] is True and p["top_logprobs"] == 2
     assert p["reasoning_format"] == "none"
     assert "top_p" not in p  # unset fields are left to the model
@@ -142,3 +143,14 @@ def test_command_line_carries_model_flags(tmp_path):
     for flag in ("-c 4096", "--parallel 8", "--threads 3", "-b 256", "-ngl 99",
                  "--tensor-split 3,1", "--jinja", "--port 1234", "--host 127.0.0.1"):
         assert flag in joined
+
+
+def test_chat_parser_strips_an_echoed_assistant_prefill():
+    parser = ChatChunkParser(prefill='{"name":')
+    out = []
+    for piece in ['{"na', 'me": "', "Mike", '"}']:
+        out += parser.process({"choices": [{"delta": {"content": piece}}]})
+    assert "".join(e.text for e in out) == ' "Mike"}'
+    other = ChatChunkParser(prefill="Sure")
+    (delta,) = other.process({"choices": [{"delta": {"content": "No echo here"}}]})
+    assert delta.text == "No echo here"
