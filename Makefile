@@ -35,11 +35,18 @@ models: venv
 	$(VPY) -m ollama_server.provision.models --models-dir $(MODELS)
 
 # Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download).
+# The test runs /usr/bin/chromium; as root or through sudo, never interactive.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -x /usr/bin/chromium || { \
+	  command -v apt-get >/dev/null 2>&1 || { \
+	    echo "make browser needs apt-get (Debian/Ubuntu) to install chromium" >&2; exit 1; }; \
 	  echo "installing Debian's chromium for the browser test"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+	    chromium fonts-dejavu-core >/dev/null && \
+	  test -x /usr/bin/chromium; }
 
 setup: venv engine models
 

@@ -19,8 +19,9 @@ from ..core.errors import (
     ServiceError,
 )
 from ..core.request_tracker import RequestTracker
+from ..metrics import ServiceMetrics
 from ..models.manager import ModelManager
-from ..utils.logging import request_id_var
+from ..utils.logging import isolate_request_context, request_id_var
 from .common import as_service_error, error_response
 from .handlers import Services
 
@@ -51,6 +52,10 @@ def create_app(config: Config, manager: ModelManager | None = None,
     svc = Services(config=config, manager=manager or ModelManager(config),
                    tracker=tracker or RequestTracker())
     app.extensions["ollama_server"] = svc
+    # Per-app registry: tests build several apps in one process.
+    app.extensions["ollama_server_metrics"] = ServiceMetrics(svc.tracker, svc.manager)
+    # Request ids in logs: one context per request, its streamed body included.
+    app.wsgi_app = isolate_request_context(app.wsgi_app)  # type: ignore[method-assign]
     _register_blueprints(app)
 
     @app.before_request

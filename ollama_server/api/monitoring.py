@@ -1,19 +1,24 @@
-"""Monitoring blueprint: health, live request progress, recent requests."""
+"""Monitoring blueprint: health, live request progress, recent requests, Prometheus metrics."""
 
 from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from ..core.errors import NotFound
+from ..metrics import CONTENT_TYPE, GpuSnapshot, ServiceMetrics, gpu_snapshot
 from .handlers import services
 
 bp = Blueprint("monitoring", __name__)
 
 
-def loaded_models_view() -> list[dict]:
-    """The loaded models with their engine state (health, dashboard, /api/ps share it)."""
+def loaded_models_view(gpu: GpuSnapshot | None = None) -> list[dict]:
+    """The loaded models with their engine state (health, dashboard, /api/ps share it).
+
+    ``gpu_memory_mib`` is the memory the engine's process holds on the GPUs (from ``gpu``, a
+    snapshot the caller took), None without a GPU.
+    """
     now = time.monotonic()
     out = []
     for entry in services().manager.loaded():
@@ -29,16 +34,25 @@ def loaded_models_view() -> list[dict]:
             "expires_in_s": (None if entry.expires_at is None
                              else round(max(0.0, entry.expires_at - now), 1)),
             "restarts": engine.restarts,
+            "gpu_memory_mib": (None if gpu is None or engine.pid is None
+                               else gpu.by_pid.get(engine.pid, 0.0)),
         })
     return out
+
+
+def app_metrics() -> ServiceMetrics:
+    """The ServiceMetrics of the current app."""
+    return current_app.extensions["ollama_server_metrics"]
 
 
 @bp.get("/health")
 def health() -> Response:
     """200 with the engine and models when the service can take work, 503 otherwise."""
     svc = services()
-    body: dict = {"status": "ok", "models_loaded": loaded_models_view(),
-                  "requests_in_flight": svc.tracker.count_active()}
+    gpu = gpu_snapshot()
+    body: dict = {"status": "ok", "models_loaded": loaded_models_view(gpu),
+                  "requests_in_flight": svc.tracker.count_active(),
+                  "gpu": None if gpu is None else gpu.to_dict()}
     try:
         body["engine"] = str(svc.manager.engine_settings().binary)
         body["models_available"] = len(svc.manager.list_models())
@@ -64,3 +78,9 @@ def requests_list() -> Response:
     return jsonify({"active": [s.to_dict() for s in tracker.active()],
                     "recent": [s.to_dict() for s in tracker.recent()],
                     "totals": dict(tracker.totals)})
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text: the service's metrics plus vLLM's and TGI's names (see metrics.py)."""
+    return Response(app_metrics().render(), status=200, content_type=CONTENT_TYPE)

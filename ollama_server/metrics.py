@@ -1,0 +1,434 @@
+"""Prometheus metrics of one app, fed by the RequestTracker, plus the GPU reading they share
+with the dashboard.
+
+Each app gets its own ``CollectorRegistry`` (tests build several apps in one process, and the
+global registry would refuse the second set of names). The service's own names start with
+``ollama_server_``; vLLM's (``vllm:``) and TGI's (``tgi_``) names are exposed beside them where
+they mean the same thing, so dashboards built for those servers keep working:
+
+==================================  ==============================================================
+vLLM / TGI name                     here
+==================================  ==============================================================
+vllm:num_requests_running           requests past the queue (prompt evaluation or generating)
+vllm:num_requests_waiting           requests queued or waiting for their model to load
+vllm:prompt_tokens_total            prompt tokens of finished requests
+vllm:generation_tokens_total        generated tokens of finished requests
+vllm:time_to_first_token_seconds    arrival to first generated token
+vllm:e2e_request_latency_seconds    arrival to end
+vllm:request_success_total          finished requests by ``finished_reason`` (stop, length, abort)
+tgi_request_count                   requests received (exposed untyped, see below)
+tgi_request_success                 requests that completed (exposed untyped, see below)
+tgi_request_duration                arrival to end, seconds
+tgi_request_generated_tokens        generated tokens per request
+tgi_request_input_length            prompt tokens per request
+tgi_queue_size                      = vllm:num_requests_waiting
+tgi_batch_current_size              = vllm:num_requests_running
+==================================  ==============================================================
+
+TGI exports ``tgi_request_count`` and ``tgi_request_success`` as counters without the
+``_total`` suffix. prometheus_client's text format always appends ``_total`` to a counter's
+name, so those two are exposed as ``untyped`` under their exact names: PromQL (``rate()``,
+``increase()``) treats them the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from .core.request_tracker import RequestTracker
+from .core.schemas import RequestState, RequestStatus
+
+log = logging.getLogger(__name__)
+
+# The classic text format: every name here is valid in it, and every Prometheus reads it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's own bucket edges, so its dashboards' quantiles line up.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+                 100000)
+
+WAITING_STATES = (RequestState.QUEUED, RequestState.LOADING)
+# vLLM's finished_reason values for our final states / finish reasons.
+_VLLM_REASONS = {"stop": "stop", "stop_sequence": "stop", "tool_calls": "stop",
+                 "length": "length"}
+
+
+def vllm_finished_reason(status: RequestStatus) -> str:
+    """vLLM's ``finished_reason`` label for a finished request: stop, length or abort."""
+    if status.state != RequestState.COMPLETED:
+        return "abort"
+    return _VLLM_REASONS.get(status.finish_reason or "stop", "stop")
+
+
+class ServiceMetrics:
+    """The metrics of one app: counters and histograms updated from tracker events, gauges
+    (in flight, waiting, loaded models, engine restarts, GPU memory) read at scrape time."""
+
+    def __init__(self, tracker: RequestTracker, manager: Any,
+                 registry: CollectorRegistry | None = None) -> None:
+        # The ``*_created`` timestamp series double the exposition and no dashboard reads them
+        # (vLLM and TGI dashboards included); process-wide, which is this service's only use.
+        disable_created_metrics()
+        self.tracker = tracker
+        self.manager = manager
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        by_model = ["dialect", "model"]
+        self.requests = Counter("ollama_server_requests", "Finished requests",
+                                [*by_model, "status"], registry=r)
+        self.ttft = Histogram("ollama_server_time_to_first_token_seconds",
+                              "Seconds from arrival to the first generated token", by_model,
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.duration = Histogram("ollama_server_request_duration_seconds",
+                                  "Seconds from arrival to the end of the request", by_model,
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("ollama_server_prompt_tokens", "Prompt tokens processed",
+                                     by_model, registry=r)
+        self.generated_tokens = Counter("ollama_server_generated_tokens", "Tokens generated",
+                                        by_model, registry=r)
+        # vLLM's names (label model_name, as vLLM's exporter does).
+        self.vllm_prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                                   ["model_name"], registry=r)
+        self.vllm_generation = Counter("vllm:generation_tokens",
+                                       "Number of generation tokens processed.",
+                                       ["model_name"], registry=r)
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds",
+                                   "Histogram of time to first token in seconds.",
+                                   ["model_name"], buckets=TTFT_BUCKETS, registry=r)
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds",
+                                  "Histogram of e2e request latency in seconds.",
+                                  ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
+        self.vllm_success = Counter("vllm:request_success", "Count of finished requests.",
+                                    ["model_name", "finished_reason"], registry=r)
+        # TGI's names (no labels: a TGI server serves one model).
+        self.tgi_duration = Histogram("tgi_request_duration", "Request duration (seconds)",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.tgi_generated = Histogram("tgi_request_generated_tokens",
+                                       "Generated tokens per request", buckets=TOKEN_BUCKETS,
+                                       registry=r)
+        self.tgi_input = Histogram("tgi_request_input_length", "Input tokens per request",
+                                   buckets=TOKEN_BUCKETS, registry=r)
+        self._lock = threading.Lock()
+        self._tgi_count = 0
+        self._tgi_success = 0
+        self._restarts_total = 0
+        self._restarts_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        r.register(_LiveCollector(self))
+        tracker.subscribe(self.observe)
+
+    # --- events --------------------------------------------------------------------------
+
+    def observe(self, event: str, status: RequestStatus) -> None:
+        """Tracker observer: count a request on start, its TTFT, and its end."""
+        model = status.model
+        if event == "start":
+            with self._lock:
+                self._tgi_count += 1
+        elif event == "first_token" and status.ttft_ms is not None:
+            seconds = status.ttft_ms / 1000.0
+            self.ttft.labels(status.dialect, model).observe(seconds)
+            self.vllm_ttft.labels(model).observe(seconds)
+        elif event == "finish":
+            self._finished(status)
+
+    def _finished(self, status: RequestStatus) -> None:
+        model, dialect = status.model, status.dialect
+        elapsed = status.elapsed_s
+        self.requests.labels(dialect, model, status.state.value).inc()
+        self.duration.labels(dialect, model).observe(elapsed)
+        self.prompt_tokens.labels(dialect, model).inc(status.prompt_tokens)
+        self.generated_tokens.labels(dialect, model).inc(status.tokens_generated)
+        self.vllm_prompt.labels(model).inc(status.prompt_tokens)
+        self.vllm_generation.labels(model).inc(status.tokens_generated)
+        self.vllm_e2e.labels(model).observe(elapsed)
+        self.vllm_success.labels(model, vllm_finished_reason(status)).inc()
+        self.tgi_duration.observe(elapsed)
+        self.tgi_generated.observe(status.tokens_generated)
+        self.tgi_input.observe(status.prompt_tokens)
+        if status.state == RequestState.COMPLETED:
+            with self._lock:
+                self._tgi_success += 1
+        # An engine that restarted may be unloaded before the next scrape: count it now.
+        self.engine_restarts()
+
+    # --- scrape-time values ----------------------------------------------------------------
+
+    def engine_restarts(self) -> int:
+        """Engine restarts since the app started, monotonic (unloaded engines keep counting)."""
+        try:
+            engines = [entry.engine for entry in self.manager.loaded()]
+        except Exception:  # noqa: BLE001 - metrics must never fail a request
+            engines = []
+        with self._lock:
+            for engine in engines:
+                seen = self._restarts_seen.get(engine, 0)
+                now = int(getattr(engine, "restarts", 0) or 0)
+                if now > seen:
+                    self._restarts_total += now - seen
+                    self._restarts_seen[engine] = now
+                elif engine not in self._restarts_seen:
+                    self._restarts_seen[engine] = now
+            return self._restarts_total
+
+    def tgi_counts(self) -> tuple[int, int]:
+        """(requests received, requests completed), TGI's two plain counters."""
+        with self._lock:
+            return self._tgi_count, self._tgi_success
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this app's registry."""
+        return generate_latest(self.registry)
+
+
+def split_active(active: list[RequestStatus]) -> tuple[dict[str, int], dict[str, int]]:
+    """(running, waiting) request counts by model; waiting = queued or loading its model."""
+    running: dict[str, int] = {}
+    waiting: dict[str, int] = {}
+    for status in active:
+        bucket = waiting if status.state in WAITING_STATES else running
+        bucket[status.model] = bucket.get(status.model, 0) + 1
+    return running, waiting
+
+
+class _LiveCollector:
+    """Gauges computed from the tracker and the manager at each scrape."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.m = metrics
+
+    def describe(self) -> list[Metric]:
+        # Described as nothing so registering does not call collect() (no scrape at startup).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        running, waiting = split_active(m.tracker.active())
+        try:
+            loaded = m.manager.loaded()
+        except Exception:  # noqa: BLE001 - a scrape reports what it can
+            loaded = []
+        models = sorted({e.info.name for e in loaded} | set(running) | set(waiting))
+
+        in_flight = GaugeMetricFamily("ollama_server_requests_in_flight",
+                                      "Requests in flight (waiting or running)", labels=["model"])
+        waiting_g = GaugeMetricFamily("ollama_server_requests_waiting",
+                                      "Requests queued or waiting for their model to load",
+                                      labels=["model"])
+        v_running = GaugeMetricFamily("vllm:num_requests_running",
+                                      "Number of requests in model execution batches.",
+                                      labels=["model_name"])
+        v_waiting = GaugeMetricFamily("vllm:num_requests_waiting",
+                                      "Number of requests waiting to be processed.",
+                                      labels=["model_name"])
+        for name in models:
+            run, wait = running.get(name, 0), waiting.get(name, 0)
+            in_flight.add_metric([name], run + wait)
+            waiting_g.add_metric([name], wait)
+            v_running.add_metric([name], run)
+            v_waiting.add_metric([name], wait)
+        yield from (in_flight, waiting_g, v_running, v_waiting)
+
+        yield GaugeMetricFamily("tgi_queue_size", "Requests waiting in the queue",
+                                value=sum(waiting.values()))
+        yield GaugeMetricFamily("tgi_batch_current_size", "Requests in the current batch",
+                                value=sum(running.values()))
+        count, success = m.tgi_counts()
+        for name, doc, value in (("tgi_request_count", "Requests received", count),
+                                 ("tgi_request_success", "Requests completed", success)):
+            metric = Metric(name, doc, "unknown")
+            metric.add_sample(name, {}, value)
+            yield metric
+
+        loaded_g = GaugeMetricFamily("ollama_server_models_loaded", "Models with an engine")
+        loaded_g.add_metric([], len(loaded))
+        yield loaded_g
+        per_model = GaugeMetricFamily("ollama_server_model_loaded",
+                                      "1 per loaded model, with its engine state and context",
+                                      labels=["model", "state", "context_length"])
+        for entry in loaded:
+            state = getattr(getattr(entry.engine, "state", None), "value", "unknown")
+            per_model.add_metric([entry.info.name, str(state), str(entry.ctx_size)], 1)
+        yield per_model
+
+        restarts = Metric("ollama_server_engine_restarts", "llama-server restarts", "counter")
+        restarts.add_sample("ollama_server_engine_restarts_total", {}, m.engine_restarts())
+        yield restarts
+
+        gpus = gpu_snapshot()
+        if gpus is not None:
+            used = GaugeMetricFamily("ollama_server_gpu_memory_used_bytes",
+                                     "GPU memory in use", labels=["gpu", "name"])
+            total = GaugeMetricFamily("ollama_server_gpu_memory_total_bytes",
+                                      "GPU memory", labels=["gpu", "name"])
+            for gpu in gpus.devices:
+                used.add_metric([str(gpu.index), gpu.name], gpu.used_mib * MIB)
+                total.add_metric([str(gpu.index), gpu.name], gpu.total_mib * MIB)
+            yield used
+            yield total
+
+
+# --- tokens/s over time (the dashboard's chart) ---------------------------------------------
+
+CHART_WINDOW_S = 300.0
+CHART_BIN_S = 5.0
+
+
+def throughput_series(statuses: Iterable[RequestStatus], now: float,
+                      window_s: float = CHART_WINDOW_S, bin_s: float = CHART_BIN_S
+                      ) -> list[float]:
+    """Generated tokens/s in each ``bin_s`` slice of the last ``window_s`` seconds, oldest
+    first, the last slice ending at ``now`` (monotonic clock, as the tracker's times).
+
+    Each request's tokens are spread evenly between its first token and its end (or ``now``
+    while it runs): decoding runs at a near-constant speed, and the tracker keeps no per-token
+    times. Only requests the tracker still holds (active and its bounded history) count.
+    """
+    n = max(1, int(window_s // bin_s))
+    start = now - n * bin_s
+    tokens = [0.0] * n
+    for status in statuses:
+        first, count = status.first_token_at, status.tokens_generated
+        if first is None or count <= 0:
+            continue
+        end = min(status.finished_at or now, now)
+        if end <= start:
+            continue
+        if end - first <= 1e-6:  # every token at one instant
+            index = int((first - start) // bin_s)
+            if 0 <= index < n:
+                tokens[index] += count
+            continue
+        rate = count / (end - first)
+        lo_index = max(0, int((max(first, start) - start) // bin_s))
+        hi_index = min(n - 1, int((end - start) // bin_s))
+        for i in range(lo_index, hi_index + 1):
+            lo, hi = start + i * bin_s, start + (i + 1) * bin_s
+            overlap = min(hi, end) - max(lo, first)
+            if overlap > 0:
+                tokens[i] += rate * overlap
+    return [round(t / bin_s, 2) for t in tokens]
+
+
+# --- GPU memory (nvidia-smi) -----------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class GpuDevice:
+    """One GPU as nvidia-smi reports it (memory in MiB)."""
+
+    index: int
+    name: str
+    used_mib: float
+    total_mib: float
+
+
+@dataclass
+class GpuSnapshot:
+    """Every GPU, and the memory each process uses on them (pid → MiB)."""
+
+    devices: list[GpuDevice]
+    by_pid: dict[int, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for the dashboard and /health."""
+        return {"devices": [{"index": d.index, "name": d.name, "used_mib": d.used_mib,
+                             "total_mib": d.total_mib} for d in self.devices],
+                "by_pid": {str(pid): mib for pid, mib in self.by_pid.items()}}
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.strip())
+    except ValueError:  # "[N/A]", "[Not Supported]"
+        return None
+
+
+def parse_gpu_csv(text: str) -> list[GpuDevice]:
+    """Parse ``nvidia-smi --query-gpu=index,name,memory.used,memory.total
+    --format=csv,noheader,nounits``."""
+    devices = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        # A GPU name may hold commas: index first, the two numbers last.
+        index, used, total = _number(parts[0]), _number(parts[-2]), _number(parts[-1])
+        if index is None:
+            continue
+        devices.append(GpuDevice(int(index), ", ".join(parts[1:-2]), used or 0.0, total or 0.0))
+    return devices
+
+
+def parse_apps_csv(text: str) -> dict[int, float]:
+    """Parse ``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits``
+    into pid → MiB (summed over GPUs: a model split by tensor_split uses several)."""
+    out: dict[int, float] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2:
+            continue
+        pid, mib = _number(parts[0]), _number(parts[1])
+        if pid is None or mib is None:
+            continue
+        out[int(pid)] = out.get(int(pid), 0.0) + mib
+    return out
+
+
+_GPU_TTL_S = 5.0  # nvidia-smi takes tens of milliseconds; the dashboard polls every second
+_gpu_lock = threading.Lock()
+_gpu_cache: tuple[float, GpuSnapshot | None] | None = None
+
+
+def _run_smi(args: list[str]) -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=3)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("nvidia-smi failed: %s", exc)
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def read_gpus() -> GpuSnapshot | None:
+    """Ask nvidia-smi now; None when there is no NVIDIA GPU (or no nvidia-smi)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    gpu_text = _run_smi(["--query-gpu=index,name,memory.used,memory.total"])
+    devices = parse_gpu_csv(gpu_text or "")
+    if not devices:
+        return None
+    apps = parse_apps_csv(_run_smi(["--query-compute-apps=pid,used_memory"]) or "")
+    return GpuSnapshot(devices, apps)
+
+
+def gpu_snapshot() -> GpuSnapshot | None:
+    """The GPUs and their memory, at most ``_GPU_TTL_S`` seconds old; None without a GPU."""
+    global _gpu_cache
+    with _gpu_lock:
+        now = time.monotonic()
+        if _gpu_cache is None or now - _gpu_cache[0] > _GPU_TTL_S:
+            _gpu_cache = (now, read_gpus())
+        return _gpu_cache[1]
