@@ -82,7 +82,7 @@ class Config:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {self.log_level!r}")
-        self.log_level = self.log_level.upper()
+        self.log_level = "DEBUG" if self.debug else self.log_level.upper()
         if self.tensor_split is not None:
             if not self.tensor_split or any(x < 0 for x in self.tensor_split) or \
                     sum(self.tensor_split) <= 0:

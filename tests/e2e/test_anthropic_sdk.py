@@ -276,3 +276,19 @@ def test_prompt_cache_survives_the_billing_line(claude, capsys):
     assert u2.input_tokens < u1.input_tokens / 10
     assert uc.input_tokens > u1.input_tokens * 0.9
 
+
+
+def test_assistant_prefill_returns_only_the_continuation(claude):
+    prefill = '{"name":'
+    msg = claude.messages.create(
+        model=MODEL, max_tokens=12, extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": "Give a person as JSON."},
+                  {"role": "assistant", "content": prefill}])
+    text = msg.content[0].text
+    assert text and not text.startswith(prefill)
+    with claude.messages.stream(
+            model=MODEL, max_tokens=12, extra_body={"temperature": 0},
+            messages=[{"role": "user", "content": "Give a person as JSON."},
+                      {"role": "assistant", "content": prefill}]) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == text

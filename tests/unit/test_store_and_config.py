@@ -118,3 +118,8 @@ def test_main_exits_nonzero_on_bad_flag_value(capsys):
 
     assert main(["--port", "0"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_debug_key_raises_the_log_level():
+    assert load_config(overrides={"debug": True}, environ={}).log_level == "DEBUG"
+    assert load_config(environ={"OLLAMA_SERVER_DEBUG": "1"}).log_level == "DEBUG"
