@@ -8,14 +8,15 @@ model comes from its GGUF header. Loading keeps one LLAMAExecutor per model, at 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import Config
 from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
@@ -123,8 +124,6 @@ class ModelManager:
         info = self._info_from_gguf(name.short, gguf_path, "ollama")
         if info is None:
             return None
-        import hashlib
-
         info.digest = hashlib.sha256(path.read_bytes()).hexdigest()
         info.modified_at = mtime
         info.layers = manifest.get("layers", [])
@@ -217,8 +216,6 @@ class ModelManager:
             return None
         info = self._info_from_gguf(short, path, "gguf")
         if info is not None:
-            import hashlib
-
             info.digest = hashlib.sha256(str(path).encode()).hexdigest()
             mmproj = next(iter(sorted(path.parent.glob(f"{path.stem}*mmproj*.gguf"))), None)
             info.projector = mmproj
@@ -388,13 +385,3 @@ class ModelManager:
         with self._lock:
             return sum(e.engine.restarts for e in self._loaded.values())
 
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with ``pid`` exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
