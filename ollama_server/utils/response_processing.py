@@ -74,6 +74,10 @@ class ThinkSplitter:
             if self._state == "content":
                 out.append(TextDelta(self._buf))
                 self._buf = ""
+            elif self._state == "after":
+                self._buf = self._buf.lstrip("\n")
+                if self._buf:
+                    self._state = "content"
             elif self._state == "start":
                 stripped = self._buf.lstrip()
                 if not stripped:
@@ -93,12 +97,14 @@ class ThinkSplitter:
                 if idx >= 0:
                     self._emit(out, "think", self._buf[:idx])
                     rest = self._buf[idx + len(CLOSE_TAG):]
+                    self._buf = rest
                     if self.mode == KEEP:
                         out.append(TextDelta(CLOSE_TAG))
+                        self._state = "content"
                     else:
-                        rest = rest.lstrip("\n")  # the blank line after </think>
-                    self._buf = rest
-                    self._state = "content"
+                        # The blank line after </think> is not part of the answer; it may
+                        # arrive in a later chunk, so the "after" state waits for it.
+                        self._state = "after"
                     if not rest:
                         break
                 else:

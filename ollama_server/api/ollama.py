@@ -1,0 +1,545 @@
+"""Ollama API blueprint: generate, chat, embeddings, and the model endpoints (tags, show, ps,
+copy, delete, blobs, create), plus the original README's ``/api/models``.
+
+The views validate, call the shared run path (``handlers``) and frame NDJSON; every
+translation is in ``adapters.ollama``. Store writes (blobs, manifests) are atomic: a temp file,
+its digest checked, then renamed; create/copy/delete hold one lock so a delete never removes a
+blob that a manifest being written is about to use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from ..adapters import ollama as ol
+from ..core.errors import InvalidRequest, NotFound, ServiceError, Unsupported
+from ..core.schemas import Finish, InternalRequest
+from ..models.gguf_meta import quantization_name, read_header
+from ..models.schemas import ModelInfo
+from ..models.store import MEDIA_PREFIX, ModelName, digest_to_hex
+from ..utils.model_inspection import inspect_model
+from .common import (
+    as_service_error,
+    json_body,
+    ndjson_line,
+    register_error_formatter,
+    stream_response,
+)
+from .handlers import (
+    Generation,
+    Services,
+    apply_model_defaults,
+    run_embeddings,
+    services,
+    start_generation,
+    with_engine,
+)
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ollama", __name__)
+register_error_formatter("ollama", ol.ollama_error)
+
+NDJSON = "application/x-ndjson"
+_store_lock = threading.Lock()  # create / copy / delete: one writer of manifests at a time
+
+
+def ndjson_response(objects: Iterable[dict[str, Any]], on_close: Any = None,
+                    headers: dict[str, str] | None = None) -> Response:
+    """Stream ``objects`` as NDJSON; an error after the first byte is an ``{"error"}`` line."""
+
+    def frames() -> Iterator[str]:
+        try:
+            for obj in objects:
+                yield ndjson_line(obj)
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, status stays 200
+            body, _ = ol.ollama_error(as_service_error(exc))
+            yield ndjson_line(body)
+
+    return stream_response(frames(), NDJSON, headers=headers, on_close=on_close)
+
+
+# --- generate / chat -------------------------------------------------------------------------
+
+def _load_or_unload(model: str, info: ModelInfo, req: InternalRequest, chat: bool,
+                    svc: Services) -> Response:
+    """Ollama's empty request: load the model (``load``) or, with keep_alive 0, unload it."""
+    manager = svc.manager
+    apply_model_defaults(req, info)
+    if req.keep_alive == 0:
+        entry = manager.loaded_entry(info.name)
+        if entry is not None:
+            if entry.in_flight == 0:
+                manager.unload(info.name)
+            else:
+                # Busy: unload when the last request ends instead of cutting it off.
+                manager.acquire(info)
+                manager.release(info.name, 0)
+        return jsonify(ol.load_response(model, chat, unloaded=True))
+    manager.acquire(info, req.num_ctx)
+    manager.release(info.name, req.keep_alive)
+    return jsonify(ol.load_response(model, chat, unloaded=False))
+
+
+def _prepend_context(req: InternalRequest, context: list[int], svc: Services) -> None:
+    """The deprecated ``context`` field: earlier tokens go before this prompt, sent raw."""
+    with with_engine(req.model, svc) as (engine, info):
+        apply_model_defaults(req, info)
+        text = engine.apply_template(req) if req.is_chat else str(req.prompt or "")
+        req.prompt = engine.detokenize(context) + text
+        req.messages = None
+        req.raw = True
+
+
+def _context_ids(gen: Generation, conv: ol.OllamaGenerateStream) -> list[int] | None:
+    """Token ids of prompt + answer, with the model's tokenizer, for the final ``context``.
+
+    Called while the engine is still held (at the Finish event). The prompt is the text the
+    engine built (chat template applied); the answer's ids are the engine's own when it
+    reported them (raw prompts), else the answer text tokenized.
+    """
+    req, engine = gen.req, gen.engine
+    try:
+        if isinstance(req.prompt, list):
+            prompt_ids = list(req.prompt)
+        else:
+            text = engine.apply_template(req) if req.is_chat else str(req.prompt or "")
+            prompt_ids = [int(t) for t in engine.tokenize(text, add_special=True)]
+        answer_ids = conv.generated_ids()
+        if answer_ids is None:
+            answer_ids = [int(t) for t in engine.tokenize(conv.response_text,
+                                                          add_special=False)]
+        return prompt_ids + answer_ids
+    except ServiceError as exc:
+        log.warning("no context for request %s: %s", req.request_id, exc.message)
+        return None
+
+
+@bp.post("/api/generate")
+def generate() -> Response:
+    """Ollama generate: NDJSON by default, one object with ``stream: false``."""
+    body = json_body()
+    svc = services()
+    model = ol.require_model(body, "model")
+    info = svc.manager.resolve(model)
+    req = ol.ollama_generate_to_internal(body, info.has_chat_template)
+    if req.suffix is not None and "insert" not in info.capabilities:
+        raise Unsupported(f"\"{model}\" does not support insert")
+    if ol.is_load_request(body, chat=False):
+        return _load_or_unload(model, info, req, chat=False, svc=svc)
+    if body.get("context"):
+        _prepend_context(req, body["context"], svc)
+    want_context = not body.get("raw")
+    gen = start_generation(req, "/api/generate", svc)
+    conv = ol.OllamaGenerateStream(model, gen.started, req.logprobs)
+
+    def objects() -> Iterator[dict[str, Any]]:
+        for event in gen:
+            if isinstance(event, Finish):
+                yield conv.finish(event, _context_ids(gen, conv) if want_context else None)
+            else:
+                yield from conv.process(event)
+
+    if req.stream:
+        return ndjson_response(objects(), on_close=gen.close,
+                               headers={"X-Request-Id": gen.request_id})
+    try:
+        final = list(objects())[-1]
+    finally:
+        gen.close()
+    return jsonify(conv.whole(final))
+
+
+@bp.post("/api/chat")
+def chat() -> Response:
+    """Ollama chat: NDJSON by default, one object with ``stream: false``."""
+    body = json_body()
+    svc = services()
+    model = ol.require_model(body, "model")
+    info = svc.manager.resolve(model)
+    req = ol.ollama_chat_to_internal(body)
+    if ol.is_load_request(body, chat=True):
+        return _load_or_unload(model, info, req, chat=True, svc=svc)
+    gen = start_generation(req, "/api/chat", svc)
+    conv = ol.OllamaChatStream(model, gen.started, req.logprobs)
+
+    def objects() -> Iterator[dict[str, Any]]:
+        for event in gen:
+            yield from conv.process(event)
+
+    if req.stream:
+        return ndjson_response(objects(), on_close=gen.close,
+                               headers={"X-Request-Id": gen.request_id})
+    try:
+        final = list(objects())[-1]
+    finally:
+        gen.close()
+    return jsonify(conv.whole(final))
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+@bp.post("/api/embed")
+def embed() -> Response:
+    """``{model, embeddings, total_duration, load_duration, prompt_eval_count}``; vectors are
+    unit length (cut to ``dimensions`` first when asked)."""
+    started = time.monotonic()
+    body = json_body()
+    model = ol.require_model(body, "model")
+    inputs = ol.ollama_embed_inputs(body)
+    dims = ol.embed_dimensions(body)
+    keep_alive = ol.parse_keep_alive(body.get("keep_alive"))
+    if body.get("truncate") is not None and not isinstance(body["truncate"], bool):
+        raise InvalidRequest("'truncate' must be a boolean", param="truncate")
+    svc = services()
+    if not inputs:
+        info = svc.manager.resolve(model)
+        svc.manager.acquire(info)
+        svc.manager.release(info.name, keep_alive)
+        return jsonify({"model": model, "embeddings": []})
+    vectors, tokens, _, load_s = run_embeddings(model, inputs, "/api/embed", "ollama",
+                                                keep_alive, svc)
+    return jsonify({"model": model, "embeddings": [ol.normalize(v, dims) for v in vectors],
+                    "total_duration": int((time.monotonic() - started) * 1e9),
+                    "load_duration": int(load_s * 1e9), "prompt_eval_count": tokens})
+
+
+@bp.post("/api/embeddings")
+def embeddings() -> Response:
+    """The legacy ``{model, prompt}`` → ``{embedding}`` (an empty prompt gives ``[]``)."""
+    body = json_body()
+    model = ol.require_model(body, "model")
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' must be a string", param="prompt")
+    keep_alive = ol.parse_keep_alive(body.get("keep_alive"))
+    svc = services()
+    if not prompt:
+        svc.manager.resolve(model)
+        return jsonify({"embedding": []})
+    vectors, _, _, _ = run_embeddings(model, [prompt], "/api/embeddings", "ollama",
+                                      keep_alive, svc)
+    return jsonify({"embedding": vectors[0]})
+
+
+# --- model endpoints -------------------------------------------------------------------------
+
+@bp.get("/")
+def root() -> Response:
+    """``Ollama is running`` (clients probe this)."""
+    return Response("Ollama is running", mimetype="text/plain")
+
+
+@bp.get("/api/version")
+def version() -> Response:
+    """The Ollama version whose API this service speaks."""
+    return jsonify({"version": ol.OLLAMA_VERSION})
+
+
+@bp.get("/api/tags")
+def tags() -> Response:
+    """Every model, as Ollama lists them."""
+    return jsonify(ol.tags_body(services().manager.list_models()))
+
+
+@bp.get("/api/models")
+def models() -> Response:
+    """The original README's list: each model with its GGUF ``context_size``."""
+    return jsonify(ol.models_body(services().manager.list_models()))
+
+
+@bp.post("/api/show")
+def show() -> Response:
+    """Model details; ``model_info`` carries the GGUF header (``<arch>.context_length``)."""
+    body = json_body()
+    name = ol.require_model(body, "model", "name")
+    svc = services()
+    info = svc.manager.resolve(name)
+    extra = inspect_model(info.name, info.digest, svc.config.enable_model_inspection,
+                          own_port=svc.config.port)
+    return jsonify(ol.show_body(info, extra))
+
+
+@bp.get("/api/ps")
+def ps() -> Response:
+    """Loaded models, the one that expires last first."""
+    return jsonify(ol.ps_body(services().manager.loaded()))
+
+
+def _store_name(name: str, svc: Services, what: str) -> ModelName:
+    """The store name of an existing model (resolved like any request: case, defaults)."""
+    info = svc.manager.resolve(name)
+    if info.source != "ollama":
+        raise InvalidRequest(f"{what}: '{name}' is a plain GGUF file, not a model in the "
+                             f"Ollama store", param="model")
+    return ModelName.parse(info.name)
+
+
+@bp.post("/api/copy")
+def copy() -> Response:
+    """Copy a model's manifest to a new name (blobs are shared); 200 with no body."""
+    body = json_body()
+    source = body.get("source")
+    destination = body.get("destination")
+    if not isinstance(source, str) or not source or not isinstance(destination, str) \
+            or not destination:
+        raise InvalidRequest("'source' and 'destination' are required", param="source")
+    svc = services()
+    dst = ModelName.parse(destination)
+    with _store_lock:
+        src = _store_name(source, svc, "copy")
+        svc.manager.store.copy(src, dst)
+    return Response(status=200)
+
+
+@bp.delete("/api/delete")
+def delete() -> Response:
+    """Delete a model: its manifest, and the blobs no other manifest uses; 200, no body."""
+    body = json_body()
+    name = ol.require_model(body, "model", "name")
+    svc = services()
+    with _store_lock:
+        target = _store_name(name, svc, "delete")
+        short = target.short
+        entry = svc.manager.loaded_entry(short)
+        if entry is not None and entry.in_flight == 0:
+            svc.manager.unload(short)
+        if not svc.manager.store.delete(target):
+            raise NotFound(f"model '{name}' not found")
+    return Response(status=200)
+
+
+@bp.route("/api/blobs/<digest>", methods=["HEAD"])
+def blob_exists(digest: str) -> Response:
+    """200 when the blob is in the store, 404 otherwise."""
+    path = services().manager.store.blob_path(digest)
+    return Response(status=200 if path.is_file() else 404)
+
+
+@bp.post("/api/blobs/<digest>")
+def blob_upload(digest: str) -> Response:
+    """Store the raw body as a blob: 201, or 400 when its sha256 is not ``digest``.
+
+    The body goes to a temp file and is renamed only when its digest matches: a mismatched
+    or interrupted upload leaves nothing behind.
+    """
+    store = services().manager.store
+    hex_digest = digest_to_hex(digest)
+    if store.blob_path(digest).is_file():
+        return Response(status=200)
+    request.max_content_length = None  # model files are bigger than any JSON body limit
+    store.write_blob(request.stream, hex_digest)
+    return Response(status=201)
+
+
+# --- create ----------------------------------------------------------------------------------
+
+def _gguf_kind(path: Path) -> tuple[str, Any]:
+    """("model" | "projector", header) of a GGUF blob; 400 when it is not a GGUF file."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise InvalidRequest("supplied file was not in GGUF format", param="files")
+    try:
+        header = read_header(path)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"cannot read the GGUF header: {exc}", param="files") from None
+    return ("projector" if header.architecture == "clip" else "model"), header
+
+
+def _text_list(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidRequest(f"'{key}' must be a string or a list of strings", param=key)
+
+
+class _CreatePlan:
+    """A validated /api/create request: where the weights come from and what to override."""
+
+    def __init__(self, body: dict[str, Any], svc: Services) -> None:
+        self.svc = svc
+        self.store = svc.manager.store
+        self.name = ModelName.parse(ol.require_model(body, "model", "name"))
+        for key in ("quantize", "quantization"):
+            if body.get(key):
+                raise InvalidRequest("quantization is not supported by this service; upload "
+                                     "a GGUF file that is already quantized", param=key)
+        if body.get("adapters"):
+            raise InvalidRequest("LoRA adapters are not supported by this service",
+                                 param="adapters")
+        modelfile: dict[str, Any] = {}
+        if body.get("modelfile") is not None:
+            if not isinstance(body["modelfile"], str):
+                raise InvalidRequest("'modelfile' must be a string", param="modelfile")
+            modelfile = ol.parse_modelfile(body["modelfile"])
+        self.base_from = body.get("from") or modelfile.get("from")
+        files = body.get("files")
+        if files is not None and (not isinstance(files, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+            raise InvalidRequest("'files' must map file names to sha256 digests",
+                                 param="files")
+        self.files: dict[str, str] = dict(files or {})
+        if self.base_from is not None and not isinstance(self.base_from, str):
+            raise InvalidRequest("'from' must be a model name", param="from")
+        if self.base_from and self.base_from.lstrip("@").startswith("sha256"):
+            self.files["model.gguf"] = self.base_from.lstrip("@")
+            self.base_from = None
+        if not self.base_from and not self.files:
+            raise InvalidRequest("neither 'from' or 'files' was specified", param="from")
+        self.base: ModelInfo | None = None
+        if self.base_from:
+            if "/" in self.base_from and Path(self.base_from).suffix == ".gguf" or \
+                    self.base_from.startswith((".", "/", "~")):
+                raise InvalidRequest("FROM a file path is not supported: upload the file "
+                                     "with POST /api/blobs/sha256:<digest> and name it in "
+                                     "'files'", param="from")
+            self.base = svc.manager.resolve(self.base_from)
+        self.blob_paths: list[tuple[str, Path]] = []
+        for fname, digest in self.files.items():
+            path = self.store.blob_path(digest)
+            if not path.is_file():
+                raise InvalidRequest(f"blob {digest} for {fname} not found: upload it with "
+                                     f"POST /api/blobs/{digest} first", param="files")
+            self.blob_paths.append((f"sha256:{digest_to_hex(digest)}", path))
+        params = dict(modelfile.get("parameters") or {})
+        raw_params = body.get("parameters")
+        if raw_params is not None:
+            if not isinstance(raw_params, dict):
+                raise InvalidRequest("'parameters' must be an object", param="parameters")
+            for key, value in raw_params.items():
+                if value is not None:
+                    params[key] = ol.coerce_parameter(key, value)
+        self.params = params
+        self.template = body.get("template") or modelfile.get("template")
+        self.system = body.get("system") if body.get("system") is not None \
+            else modelfile.get("system")
+        for key, value in (("template", self.template), ("system", self.system)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidRequest(f"'{key}' must be a string", param=key)
+        self.licenses = _text_list(body.get("license"), "license") or modelfile.get(
+            "license") or []
+        messages = body.get("messages") or modelfile.get("messages") or []
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+            raise InvalidRequest("'messages' must be a list of {role, content}",
+                                 param="messages")
+        self.messages = [{"role": m["role"], "content": m.get("content") or ""}
+                         for m in messages]
+
+    def _layer(self, kind: str, data: bytes) -> tuple[dict[str, Any], bool]:
+        """Store a small layer; (its manifest entry, whether the blob was there before)."""
+        hex_digest = hashlib.sha256(data).hexdigest()
+        existed = (self.store.blobs_dir / f"sha256-{hex_digest}").is_file()
+        got, size = self.store.write_bytes_blob(data)
+        return ({"mediaType": MEDIA_PREFIX + kind, "digest": f"sha256:{got}", "size": size},
+                existed)
+
+    def run(self) -> Iterator[dict[str, Any]]:
+        """Write the layers and the manifest, yielding Ollama's status objects."""
+        layers: list[dict[str, Any]] = []
+        base_params: dict[str, Any] = {}
+        header = None
+        if self.base is not None:
+            yield {"status": "using existing model"}
+            if self.base.source == "ollama":
+                for layer in self.base.layers:
+                    kind = layer.get("mediaType", "").removeprefix(MEDIA_PREFIX)
+                    if kind == "params":
+                        base_params = dict(self.base.params)
+                        continue
+                    if kind in ("template", "prompt") and self.template is not None or \
+                            kind == "system" and self.system is not None or \
+                            kind == "license" and self.licenses or \
+                            kind == "messages" and self.messages:
+                        continue
+                    layers.append(dict(layer))
+                    yield {"status": f"using existing layer {layer['digest']}"}
+            else:
+                with open(self.base.path, "rb") as fh:
+                    got, size = self.store.write_blob(fh)
+                layers.append({"mediaType": MEDIA_PREFIX + "model",
+                               "digest": f"sha256:{got}", "size": size})
+                yield {"status": f"creating new layer sha256:{got}"}
+            header = read_header(self.base.path)
+        for digest, path in self.blob_paths:
+            yield {"status": "parsing GGUF"}
+            kind, gguf_header = _gguf_kind(path)
+            if kind == "model":
+                header = gguf_header
+            layers.append({"mediaType": MEDIA_PREFIX + kind, "digest": digest,
+                           "size": path.stat().st_size})
+            yield {"status": f"using existing layer {digest}"}
+        if header is None:
+            raise InvalidRequest("no GGUF model file among 'files'", param="files")
+        extra: list[tuple[str, bytes]] = []
+        if self.template is not None:
+            extra.append(("template", self.template.encode()))
+        if self.system is not None:
+            extra.append(("system", self.system.encode()))
+        extra += [("license", text.encode()) for text in self.licenses]
+        if self.messages:
+            extra.append(("messages", json.dumps(self.messages).encode()))
+        params = {**base_params, **self.params}
+        if params:
+            extra.append(("params", json.dumps(params).encode()))
+        for kind, data in extra:
+            layer, existed = self._layer(kind, data)
+            layers.append(layer)
+            verb = "using existing" if existed else "creating new"
+            yield {"status": f"{verb} layer {layer['digest']}"}
+        arch = header.architecture
+        sized = ModelInfo(name="", path=Path(), source="", parameter_count=header.parameter_count)
+        config = {"model_format": "gguf", "model_family": arch,
+                  "model_families": [arch] if arch else [],
+                  "model_type": sized.parameter_size,
+                  "file_type": quantization_name(header.get("general.file_type")),
+                  "architecture": "amd64", "os": "linux",
+                  "rootfs": {"type": "layers",
+                             "diff_ids": [layer["digest"] for layer in layers]}}
+        yield {"status": "writing manifest"}
+        with _store_lock:
+            old_path = self.name.manifest_path(self.store.manifests_dir)
+            old = self.store.read_manifest(old_path) if old_path.is_file() else None
+            manifest = self.store.build_manifest(layers, config)
+            self.store.write_manifest(self.name, manifest)
+            if old is not None:
+                self._prune(old)
+        yield {"status": "success"}
+
+    def _prune(self, old: dict[str, Any]) -> None:
+        """Remove the blobs only the replaced manifest used (as Ollama prunes on create)."""
+        used = self.store.referenced_blobs()
+        for entry in [old.get("config") or {}, *old.get("layers", [])]:
+            try:
+                hex_digest = digest_to_hex(entry.get("digest", ""))
+            except InvalidRequest:
+                continue
+            if hex_digest not in used:
+                (self.store.blobs_dir / f"sha256-{hex_digest}").unlink(missing_ok=True)
+
+
+@bp.post("/api/create")
+def create() -> Response:
+    """Create a model from an uploaded GGUF blob (``files``) or another model (``from``), or
+    a legacy ``modelfile``; streams status objects unless ``stream: false``."""
+    body = json_body()
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    plan = _CreatePlan(body, services())  # every 400/404 before the first byte
+    if stream:
+        return ndjson_response(plan.run())
+    statuses = list(plan.run())
+    return jsonify(statuses[-1])
