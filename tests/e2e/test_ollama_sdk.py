@@ -103,9 +103,10 @@ def test_chat_and_chat_stream(client):
 
 def test_format_json_and_schema(client):
     resp = client.chat(model=MODEL, format="json", options={"temperature": 0,
-                                                            "num_predict": 200},
-                       messages=[{"role": "user",
-                                  "content": 'Reply with JSON: {"answer": "yes"}'}])
+                                                            "num_predict": 400},
+                       messages=[{"role": "user", "content":
+                                  'Reply with exactly this JSON: {"answer": "yes"}'}])
+    assert resp.done_reason == "stop", resp.message.content
     assert isinstance(json.loads(resp.message.content), dict)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "age": {"type": "integer"}},
