@@ -126,6 +126,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--parallel", type=int, default=8, help="slots per engine (both sides)")
+    ap.add_argument("--ttft-samples", type=int, default=60,
+                    help="short single requests per side for the time-to-first-token figure")
     args = ap.parse_args()
 
     config = load_config(overrides={"models_dir": args.model_dir, "parallel": args.parallel},
@@ -152,6 +154,18 @@ def main() -> int:
         wait_http(service_port, "/health")
         for port in (direct_port, service_port):  # warm up: load, caches, first JIT paths
             run_batch(port, 2, 16, info.name)
+        # Time to first token: many short interleaved requests (one sample per request is
+        # noisy; its spread is far larger than the overhead being measured).
+        ttft: dict[str, list[float]] = {"direct": [], "service": []}
+        for i in range(args.ttft_samples):
+            order = [("direct", direct_port), ("service", service_port)]
+            for name, port in order if i % 2 == 0 else order[::-1]:
+                ttft[name].append(run_batch(port, 1, 2, info.name)["ttft"][0])
+        if args.ttft_samples:
+            d_ms = 1000 * statistics.median(ttft["direct"])
+            s_ms = 1000 * statistics.median(ttft["service"])
+            report["ttft"] = {"samples": args.ttft_samples, "direct_ms_median": d_ms,
+                              "service_ms_median": s_ms, "added_ms": s_ms - d_ms}
         for c in args.concurrency:
             batches: dict[str, list[dict]] = {"direct": [], "service": []}
             for r in range(args.rounds):
@@ -160,11 +174,20 @@ def main() -> int:
                 for name, port in order if r % 2 == 0 else order[::-1]:
                     batches[name].append(run_batch(port, c, args.tokens, info.name))
             d, s = summarize(batches["direct"]), summarize(batches["service"])
+            # Throughput on a shared machine drifts by several percent within a minute, so
+            # each round is compared with its neighbour in time and the median ratio kept.
+            pairs = list(zip(batches["direct"], batches["service"], strict=True))
             report["results"][f"c{c}"] = {
                 "direct": d, "service": s,
-                "ttft_added_ms": s["ttft_ms_median"] - d["ttft_ms_median"],
-                "decode_ratio": s["decode_tps_median"] / d["decode_tps_median"],
-                "aggregate_ratio": s["aggregate_tps_median"] / d["aggregate_tps_median"]}
+                "ttft_added_ms": statistics.median(
+                    1000 * (statistics.median(sv["ttft"]) - statistics.median(dv["ttft"]))
+                    for dv, sv in pairs),
+                "decode_ratio": statistics.median(
+                    statistics.median(sv["decode_tps"]) / statistics.median(dv["decode_tps"])
+                    for dv, sv in pairs),
+                "aggregate_ratio": statistics.median(
+                    sv["aggregate_tps"] / dv["aggregate_tps"] for dv, sv in pairs),
+                "rounds": [{"direct": dv, "service": sv} for dv, sv in pairs]}
     finally:
         service.send_signal(signal.SIGTERM)
         os.killpg(direct.pid, signal.SIGTERM)
@@ -173,6 +196,7 @@ def main() -> int:
 
     print(f"\nmodel {info.name}, {args.tokens} tokens per request, {args.rounds} rounds, "
           f"{args.parallel} slots, {os.cpu_count()} CPUs")
+    print("medians over all requests; ratio row: median of per-round paired ratios")
     print(f"{'':5} {'':8} {'TTFT ms':>9} {'decode tok/s':>13} {'aggregate tok/s':>16}")
     for key, res in report["results"].items():
         for side in ("direct", "service"):
@@ -181,6 +205,11 @@ def main() -> int:
                   f"{x['aggregate_tps_median']:16.1f}")
         print(f"{key:5} {'ratio':8} {res['ttft_added_ms']:+8.2f}ms {res['decode_ratio']:13.3f} "
               f"{res['aggregate_ratio']:16.3f}")
+    if "ttft" in report:
+        t = report["ttft"]
+        print(f"\ntime to first token, {t['samples']} short requests per side, c=1: direct "
+              f"{t['direct_ms_median']:.2f} ms, service {t['service_ms_median']:.2f} ms, "
+              f"added {t['added_ms']:+.2f} ms")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / time.strftime("%Y%m%d-%H%M%S.json")

@@ -76,6 +76,14 @@ class EngineSettings:
     extra_args: list[str] = field(default_factory=list)
 
 
+class _NoDelayConnection(http.client.HTTPConnection):
+    """An HTTP connection with Nagle's algorithm off: small writes go out at once."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -630,8 +638,8 @@ class LLAMAExecutor:
         port = self.port
         if port is None:
             raise self.failure(f"llama-server for {self.name} is not running")
-        return http.client.HTTPConnection("127.0.0.1", port,
-                                          timeout=timeout or self.settings.request_timeout)
+        return _NoDelayConnection("127.0.0.1", port,
+                                  timeout=timeout or self.settings.request_timeout)
 
     def call_json(self, method: str, path: str, body: Any = None,
                   timeout: float | None = None) -> Any:
