@@ -43,6 +43,7 @@ from ..core.schemas import (
     Tool,
     ToolCall,
 )
+from .fields import get_bool, get_str
 
 OLLAMA_VERSION = "0.12.6"  # the Ollama release whose API this dialect follows
 FOREVER_S = -1.0  # keep_alive: never unload while idle
@@ -99,23 +100,6 @@ def require_model(body: dict[str, Any], *keys: str) -> str:
             return value
     raise InvalidRequest("model is required", param="model")
 
-
-def _get_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidRequest(f"'{key}' must be a string, got {json.dumps(value)}", param=key)
-    return value
-
-
-def _get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be a boolean, got {json.dumps(value)}", param=key)
-    return value
 
 
 # --- request fields --------------------------------------------------------------------------
@@ -264,7 +248,7 @@ def apply_options(options: Any, req: InternalRequest) -> list[str]:
 
 def _common(body: dict[str, Any], req: InternalRequest) -> list[str]:
     """Fields /api/generate and /api/chat share; returns ignored option keys."""
-    req.stream = _get_bool(body, "stream", True)  # Ollama streams unless told otherwise
+    req.stream = get_bool(body, "stream", True)  # Ollama streams unless told otherwise
     req.json_schema = parse_format(body.get("format"))
     req.keep_alive = parse_keep_alive(body.get("keep_alive"))
     ignored = apply_options(body.get("options"), req)
@@ -278,7 +262,7 @@ def _common(body: dict[str, Any], req: InternalRequest) -> list[str]:
     if think is not None:
         # Templates with a thinking switch (Qwen3 and the like) read this variable.
         req.chat_template_kwargs["enable_thinking"] = think
-    req.logprobs = _get_bool(body, "logprobs", False)
+    req.logprobs = get_bool(body, "logprobs", False)
     top = body.get("top_logprobs")
     if top is not None:
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
@@ -358,11 +342,11 @@ def ollama_generate_to_internal(body: dict[str, Any], has_chat_template: bool
     rendered here and sent raw. ``suffix`` makes a fill-in-the-middle request.
     """
     model = require_model(body, "model")
-    prompt = _get_str(body, "prompt") or ""
-    system = _get_str(body, "system")
-    template = _get_str(body, "template")
-    suffix = _get_str(body, "suffix")
-    raw = _get_bool(body, "raw", False)
+    prompt = get_str(body, "prompt") or ""
+    system = get_str(body, "system")
+    template = get_str(body, "template")
+    suffix = get_str(body, "suffix")
+    raw = get_bool(body, "raw", False)
     context = body.get("context")
     if context is not None and (not isinstance(context, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in context)):

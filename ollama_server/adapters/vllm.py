@@ -20,6 +20,7 @@ from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.schemas import Event, InternalRequest, ReasoningDelta, TextDelta
+from .fields import get_bool
 
 log = logging.getLogger(__name__)
 
@@ -349,21 +350,21 @@ def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
             raise InvalidRequest("'stop_token_ids' must be a list of token ids",
                                  param="stop_token_ids")
         req.stop_token_ids = list(ids)
-    req.include_stop_str_in_output = _bool(body, "include_stop_str_in_output", False)
-    if not _bool(body, "skip_special_tokens", True):
+    req.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", False)
+    if not get_bool(body, "skip_special_tokens", True):
         raise Unsupported("'skip_special_tokens': false is not supported: llama-server never "
                           "renders special tokens in generated text", param="skip_special_tokens")
     if body.get("prompt_logprobs") not in (None, 0):
         raise Unsupported("'prompt_logprobs' is not supported: llama-server does not score "
                           "prompt tokens", param="prompt_logprobs")
-    if _bool(body, "use_beam_search", False):
+    if get_bool(body, "use_beam_search", False):
         raise Unsupported("'use_beam_search' is not supported by this engine",
                           param="use_beam_search")
     if body.get("echo") is True and req.is_chat:
         raise Unsupported("'echo' is not supported on chat completions", param="echo")
     for key in ("add_generation_prompt", "continue_final_message"):
         if body.get(key) is not None:
-            setattr(req, key, _bool(body, key, getattr(req, key)))
+            setattr(req, key, get_bool(body, key, getattr(req, key)))
     if body.get("include_reasoning") is False:
         req.reasoning = False
     apply_guided(body, req)
@@ -379,15 +380,6 @@ def _int(body: dict[str, Any], key: str, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidRequest(f"'{key}' must be a non-negative integer, got "
                              f"{json.dumps(value)}", param=key)
-    return value
-
-
-def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"'{key}' must be a boolean, got {json.dumps(value)}", param=key)
     return value
 
 
@@ -411,12 +403,12 @@ def vllm_tokenize_request(body: dict[str, Any], default_model: str) -> TokenizeR
     model = body.get("model") or default_model
     if not isinstance(model, str):
         raise InvalidRequest("'model' must be a string", param="model")
-    strs = _bool(body, "return_token_strs", False)
+    strs = get_bool(body, "return_token_strs", False)
     if "messages" in body:
         chat = InternalRequest(model=model, dialect="vllm",
                                messages=_parse_messages(body.get("messages")))
-        chat.add_generation_prompt = _bool(body, "add_generation_prompt", True)
-        chat.continue_final_message = _bool(body, "continue_final_message", False)
+        chat.add_generation_prompt = get_bool(body, "add_generation_prompt", True)
+        chat.continue_final_message = get_bool(body, "continue_final_message", False)
         if chat.add_generation_prompt and chat.continue_final_message:
             raise InvalidRequest("Cannot set both `continue_final_message` and "
                                  "`add_generation_prompt` to True.",
@@ -424,11 +416,11 @@ def vllm_tokenize_request(body: dict[str, Any], default_model: str) -> TokenizeR
         kwargs = body.get("chat_template_kwargs")
         if isinstance(kwargs, dict):
             chat.chat_template_kwargs = dict(kwargs)
-        return TokenizeRequest(model, None, chat, _bool(body, "add_special_tokens", False), strs)
+        return TokenizeRequest(model, None, chat, get_bool(body, "add_special_tokens", False), strs)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise InvalidRequest("'prompt' (a string) or 'messages' is required", param="prompt")
-    return TokenizeRequest(model, prompt, None, _bool(body, "add_special_tokens", True), strs)
+    return TokenizeRequest(model, prompt, None, get_bool(body, "add_special_tokens", True), strs)
 
 
 def internal_to_vllm_tokenize(tokens: list[dict[str, Any]], max_model_len: int,
