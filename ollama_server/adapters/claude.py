@@ -41,7 +41,7 @@ from ..core.schemas import (
     ToolCall,
     ToolCallDelta,
 )
-from .openai import get_number, get_stop, require_model
+from .fields import get_number, get_stop, require_model
 
 log = logging.getLogger(__name__)
 

@@ -450,7 +450,8 @@ def vllm_detokenize_tokens(body: dict[str, Any]) -> list[int]:
 def vllm_generate_to_internal(body: dict[str, Any], model: str) -> InternalRequest:
     """The legacy demo server's ``/generate`` body (``prompt``, ``stream``, sampling) →
     InternalRequest (raw prompt). vLLM's SamplingParams defaults: 16 new tokens."""
-    from .openai import _common_sampling, get_number
+    from .fields import get_number
+    from .openai import _common_sampling
 
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
