@@ -36,6 +36,7 @@ CMAKE_FLAGS = [
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # no web UI download at configure time (served with --no-webui)
 ]
 
 
