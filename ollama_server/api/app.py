@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # One module per dialect (plus monitoring); each exposes ``bp``. Order matters only for
 # paths two dialects share, which those modules resolve themselves (API-REFERENCE.md §8).
 BLUEPRINT_MODULES = ["openai", "monitoring"]
-OPTIONAL_BLUEPRINT_MODULES = ["ollama", "claude", "vllm", "tgi", "dashboard"]
+OPTIONAL_BLUEPRINT_MODULES = ["ollama", "claude", "vllm", "tgi", "dashboard", "responses"]
 
 
 def _register_blueprints(app: Flask) -> None:
