@@ -19,6 +19,12 @@ ENV_PREFIX = "OLLAMA_SERVER_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+DEFAULT_CORS_ORIGINS = tuple(
+    f"{scheme}://{host}{port}" for scheme in ("http", "https")
+    for host in ("localhost", "127.0.0.1", "0.0.0.0", "[::1]") for port in ("", ":*")
+) + ("app://*", "file://*", "tauri://*", "vscode-webview://*", "vscode-file://*")
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the key."""
 
@@ -52,6 +58,9 @@ class Config:
     port: int = 11435
     threads_http: int = 64  # gunicorn threads: concurrent requests and streams
     api_key: str | None = None  # when set, /v1 and /api routes need it
+    # Browser origins allowed to call the API (glob patterns); Ollama's defaults: local pages
+    # and desktop-app schemes. "*" allows every site.
+    cors_origins: list[str] = field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
     debug: bool = False
 
     # --- derived paths -------------------------------------------------------------------
@@ -118,6 +127,10 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, str):
                 return [v for v in value.split(os.pathsep) if v]
             return [str(v) for v in value]
+        if key == "cors_origins":
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
         if kind.startswith("bool"):
             if isinstance(value, bool):
                 return value
@@ -163,6 +176,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             values[key] = _coerce(key, value)
     if environ.get("OLLAMA_MODELS") and ENV_PREFIX + "MODELS_DIR" not in environ:
         values["models_dir"] = environ["OLLAMA_MODELS"]
+    if environ.get("OLLAMA_ORIGINS"):  # Ollama's variable adds to the allowed origins
+        values["cors_origins"] = [*values.get("cors_origins", DEFAULT_CORS_ORIGINS),
+                                  *_coerce("cors_origins", environ["OLLAMA_ORIGINS"])]
     for key in _FIELDS:
         env_value = environ.get(ENV_PREFIX + key.upper())
         if env_value is not None:

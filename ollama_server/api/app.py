@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hmac
 import importlib
 import logging
@@ -33,6 +34,11 @@ BLUEPRINT_MODULES = ["openai", "monitoring"]
 OPTIONAL_BLUEPRINT_MODULES = ["ollama", "claude", "vllm", "tgi", "dashboard", "responses"]
 
 
+def origin_allowed(origin: str, patterns: list[str]) -> bool:
+    """True when a browser ``Origin`` matches one of the allowed glob patterns."""
+    return any(fnmatch.fnmatchcase(origin, pattern) for pattern in patterns)
+
+
 def _register_blueprints(app: Flask) -> None:
     for name in BLUEPRINT_MODULES:
         app.register_blueprint(importlib.import_module(f"{__package__}.{name}").bp)
@@ -59,10 +65,12 @@ def create_app(config: Config, manager: ModelManager | None = None,
     _register_blueprints(app)
 
     @app.before_request
-    def _start() -> None:
+    def _start() -> Response | None:
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         g.request_id = rid
         request_id_var.set(rid)
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            return Response(status=204)  # a CORS preflight: headers added in _finish
         if config.api_key and (request.path.startswith("/v1/") or
                                request.path.startswith("/api/")):
             given = request.headers.get("x-api-key") or ""
@@ -75,6 +83,17 @@ def create_app(config: Config, manager: ModelManager | None = None,
     @app.after_request
     def _finish(resp: Response) -> Response:
         resp.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        origin = request.headers.get("Origin")
+        if origin and origin_allowed(origin, config.cors_origins):
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+            resp.headers.add("Vary", "Origin")
+            if request.method == "OPTIONS":
+                resp.headers["Access-Control-Allow-Methods"] = \
+                    "GET, POST, PUT, DELETE, HEAD, OPTIONS"
+                resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                    "Access-Control-Request-Headers", "Authorization, Content-Type")
+                resp.headers["Access-Control-Max-Age"] = "600"
         return resp
 
     @app.errorhandler(ServiceError)

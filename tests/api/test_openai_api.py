@@ -137,3 +137,26 @@ def test_api_key(tiny_store, tmp_path):
     assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
     assert c.get("/v1/models", headers={"x-api-key": "sekret"}).status_code == 200
     app.extensions["ollama_server"].manager.shutdown()
+
+
+def test_cors_preflight_and_allowed_origins(client):
+    pre = client.options("/v1/chat/completions", headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    assert pre.status_code == 204
+    assert pre.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    assert pre.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+    resp = client.get("/v1/models", headers={"Origin": "http://127.0.0.1:8080"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:8080"
+    assert "X-Request-Id" in resp.headers["Access-Control-Expose-Headers"]
+    other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert other.status_code == 200 and "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_cors_origins_are_configurable():
+    from ollama_server.config import load_config
+
+    assert load_config(environ={"OLLAMA_SERVER_CORS_ORIGINS": "*"}).cors_origins == ["*"]
+    extra = load_config(environ={"OLLAMA_ORIGINS": "https://chat.example"}).cors_origins
+    assert "https://chat.example" in extra and "http://localhost:*" in extra
