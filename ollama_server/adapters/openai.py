@@ -344,6 +344,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def stop_reason(finish: Finish | None) -> str | None:
+    """vLLM's ``stop_reason`` on a choice: the stop string that ended it, else None."""
+    return finish.stop_sequence if finish and finish.reason == "stop_sequence" else None
+
+
 def usage_dict(finish: Finish | None) -> dict[str, Any]:
     """OpenAI usage from a Finish."""
     u = finish.usage if finish else None
@@ -391,7 +396,8 @@ def internal_to_openai_chat(result: Any, model: str, logprobs: bool = False,
         "choices": [{"index": 0, "message": message,
                      "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
                      "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                         "stop")}],
+                                                         "stop"),
+                     "stop_reason": stop_reason(finish)}],
         "usage": usage_dict(finish),
     }
 
@@ -444,7 +450,9 @@ class OpenAIChatStream:
                 call["function"]["name"] = event.name
             out.append(self._chunk({"tool_calls": [call]}))
         elif isinstance(event, Finish):
-            out.append(self._chunk({}, FINISH_REASONS.get(event.reason, "stop")))
+            chunk = self._chunk({}, FINISH_REASONS.get(event.reason, "stop"))
+            chunk["choices"][0]["stop_reason"] = stop_reason(event)
+            out.append(chunk)
             if self.include_usage:
                 out.append({"id": self.id, "object": "chat.completion.chunk",
                             "created": self.created, "model": self.model,
@@ -482,7 +490,8 @@ def internal_to_openai_completion(result: Any, model: str, echo_prompt: str | No
                      "logprobs": (_completion_logprobs(result.tokens, len(echo_prompt or ""))
                                   if logprobs else None),
                      "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                         "stop")}],
+                                                         "stop"),
+                     "stop_reason": stop_reason(finish)}],
         "usage": usage_dict(finish),
     }
 
@@ -524,7 +533,9 @@ class OpenAICompletionStream:
         elif isinstance(event, ReasoningDelta):
             out.append(self._chunk(event.text))
         elif isinstance(event, Finish):
-            out.append(self._chunk("", FINISH_REASONS.get(event.reason, "stop")))
+            chunk = self._chunk("", FINISH_REASONS.get(event.reason, "stop"))
+            chunk["choices"][0]["stop_reason"] = stop_reason(event)
+            out.append(chunk)
             if self.include_usage:
                 out.append({"id": self.id, "object": "text_completion",
                             "created": self.created, "model": self.model,

@@ -279,3 +279,11 @@ def test_vllm_version_ping_and_legacy_generate(base_url):
     lines = [json.loads(line)["text"][0] for line in r.iter_lines() if line]
     assert lines and lines[-1] == text[0]
     assert all(b.startswith(a) for a, b in zip(lines, lines[1:], strict=False))
+
+
+def test_vllm_stop_reason_is_the_matched_string(base_url):
+    resp = requests.post(base_url + "/v1/completions", timeout=60, json={
+        "model": "smollm2:135m", "prompt": "1, 2, 3, 4,", "max_tokens": 20,
+        "temperature": 0, "stop": [" 6"]}).json()
+    choice = resp["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == " 6"

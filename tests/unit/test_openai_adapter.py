@@ -148,3 +148,14 @@ def test_error_bodies():
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     body, status = oa.openai_error(EngineFailed("dead"))
     assert status == 500 and body["error"]["type"] == "server_error"
+
+
+def test_stop_reason_names_the_matched_stop_string():
+    body = oa.internal_to_openai_chat(
+        Result(text="1, 2", finish=Finish("stop_sequence", stop_sequence=" 3")), "m")
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["stop_reason"] == " 3"
+    body = oa.internal_to_openai_completion(Result(text="x", finish=Finish("length")), "m")
+    assert body["choices"][0]["stop_reason"] is None
+    chunk = oa.OpenAIChatStream("m").process(Finish("stop_sequence", stop_sequence="END"))[-1]
+    assert chunk["choices"][0]["stop_reason"] == "END"
