@@ -35,6 +35,7 @@ from ..core.schemas import (
     Finish,
     InternalRequest,
     Message,
+    PromptInfo,
     ReasoningDelta,
     TextDelta,
     Tool,
@@ -499,6 +500,7 @@ class ClaudeStream:
         self.id = message_id or new_message_id()
         self.model = model
         self.input_tokens = input_tokens
+        self.cached_tokens = 0
         self._started = False
         self._index = -1  # index of the last block opened
         self._open: str | None = None  # type of the open block
@@ -516,7 +518,8 @@ class ClaudeStream:
             "id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": self.input_tokens, "output_tokens": 0,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}})]
+                      "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": self.cached_tokens}}})]
 
     def _open_block(self, kind: str, block: dict[str, Any]) -> list[Frame]:
         out = self._close_block()
@@ -553,6 +556,10 @@ class ClaudeStream:
 
     def process(self, event: Event) -> list[Frame]:
         """Stream events for one internal event."""
+        if isinstance(event, PromptInfo) and not self._started:
+            # message_start carries the prompt size, as the real API's does.
+            self.input_tokens = event.prompt_tokens - event.cached_tokens
+            self.cached_tokens = event.cached_tokens
         out = self.start()
         if self._ended:
             return out

@@ -36,13 +36,12 @@ def _request_id_header(resp: Response) -> Response:
 def claude_frames(gen: Generation, converter: ca.ClaudeStream) -> Iterator[str]:
     """SSE frames (``event:`` + ``data:``) of ``gen``; a failure mid-stream is ``event: error``."""
     try:
-        for name, data in converter.start():
-            yield sse_event(name, data)
+        # message_start goes out with the first engine event (the prompt size), not before.
         for event in gen:
             for name, data in converter.process(event):
                 yield sse_event(name, data)
     except Exception as exc:  # noqa: BLE001 - reported in the stream, the status is sent
-        for name, data in converter.error(as_service_error(exc)):
+        for name, data in converter.start() + converter.error(as_service_error(exc)):
             yield sse_event(name, data)
 
 

@@ -25,6 +25,7 @@ from ..core.schemas import (
     Event,
     Finish,
     InternalRequest,
+    PromptInfo,
     ReasoningDelta,
     RequestState,
     TextDelta,
@@ -134,6 +135,8 @@ class Generation:
                 tracker.add_tokens(rid, max(1, len(event.tokens)))
             elif isinstance(event, ToolCallDelta):
                 tracker.add_tokens(rid, 1)
+            elif isinstance(event, PromptInfo):
+                tracker.set_prompt_tokens(rid, event.prompt_tokens)
             elif isinstance(event, Finish):
                 event.usage.load_ms = self.load_s * 1000.0
                 if (self.req.include_stop_str_in_output and event.reason == "stop_sequence"

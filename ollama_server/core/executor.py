@@ -37,6 +37,7 @@ from .schemas import (
     Finish,
     InternalRequest,
     Message,
+    PromptInfo,
     TextDelta,
     TokenInfo,
     ToolCall,
@@ -148,6 +149,7 @@ def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
         "verbose": True,  # the last chunk then says which stop string matched
+        "timings_per_token": True,  # the first chunk then gives the prompt size
         "cache_prompt": True,
         "reasoning_format": "none",  # <think> splitting is ours (utils.response_processing)
     }
@@ -237,6 +239,7 @@ class ChatChunkParser:
         # answer; clients expect only the continuation.
         self._prefill = prefill or None
         self._held = ""
+        self._prompt_sent = False
 
     def _strip_prefill(self, content: str) -> str:
         if self._prefill is None or not content:
@@ -251,6 +254,11 @@ class ChatChunkParser:
     def process(self, chunk: dict[str, Any]) -> list[Event]:
         """Events for one decoded ``data:`` object."""
         events: list[Event] = []
+        timings = chunk.get("timings")
+        if timings and not self._prompt_sent and "prompt_n" in timings:
+            self._prompt_sent = True
+            cached = int(timings.get("cache_n") or 0)
+            events.append(PromptInfo(int(timings["prompt_n"]) + cached, cached))
         verbose = chunk.get("__verbose")
         if verbose:
             self.stop_type = verbose.get("stop_type")
@@ -293,9 +301,15 @@ class ChatChunkParser:
 class CompletionChunkParser:
     """Turns native ``/completion`` stream chunks into internal events."""
 
+    def __init__(self) -> None:
+        self._prompt_sent = False
+
     def process(self, chunk: dict[str, Any]) -> list[Event]:
         """Events for one decoded ``data:`` object."""
         events: list[Event] = []
+        if not self._prompt_sent and chunk.get("tokens_evaluated") is not None:
+            self._prompt_sent = True
+            events.append(PromptInfo(int(chunk["tokens_evaluated"])))
         content = chunk.get("content") or ""
         ids = chunk.get("tokens") or []
         tokens = _token_infos(chunk.get("completion_probabilities"))

@@ -133,6 +133,18 @@ class ReasoningDelta:
 
 
 @dataclass
+class PromptInfo:
+    """The prompt has been evaluated: its size in tokens, and how many came from the cache.
+
+    Sent once, before the first generated text, so that answers can report the prompt size
+    before they end (Anthropic's ``message_start``, live progress).
+    """
+
+    prompt_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
 class ToolCallDelta:
     """A piece of a tool call: the first piece of each call carries ``id`` and ``name``."""
 
@@ -175,7 +187,7 @@ class Finish:
     prompt_tokens_ids: list[int] | None = None
 
 
-Event = TextDelta | ReasoningDelta | ToolCallDelta | Finish
+Event = TextDelta | ReasoningDelta | ToolCallDelta | PromptInfo | Finish
 
 
 class RequestState(enum.StrEnum):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from ..core.schemas import Event, ReasoningDelta, TextDelta
+from ..core.schemas import Event, PromptInfo, ReasoningDelta, TextDelta
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"
@@ -136,6 +136,8 @@ class ThinkSplitter:
                         parts = [TextDelta("", tokens=event.tokens)] if self.mode == KEEP \
                             else []
                 yield from parts
+            elif isinstance(event, PromptInfo):
+                yield event  # no text can be held yet, and none must be cut by it
             else:
                 yield from self.flush()
                 yield event

@@ -69,8 +69,16 @@ def test_stream_text_and_final_message(claude):
 def test_raw_stream_event_order(claude):
     stream = claude.messages.create(model=MODEL, max_tokens=5, extra_body=T0, stream=True,
                                     messages=[{"role": "user", "content": "Hi"}])
-    kinds = [e.type for e in stream]
+    events = list(stream)
+    kinds = [e.type for e in events]
     assert kinds[0] == "message_start" and kinds[1] == "content_block_start"
+    # message_start carries the prompt size (uncached + read from the cache), as the real
+    # API does, and it matches the final count.
+    start = events[0].message.usage
+    final = next(e for e in events if e.type == "message_delta").usage
+    assert start.input_tokens + start.cache_read_input_tokens > 10
+    assert start.input_tokens + start.cache_read_input_tokens == \
+        final.input_tokens + final.cache_read_input_tokens
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[2:-3]) == {"content_block_delta"}  # the SDK drops ``ping``
 

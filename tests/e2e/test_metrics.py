@@ -128,6 +128,7 @@ def test_progress_of_a_live_stream(base_url):
     assert tokens == sorted(tokens) and tokens[0] < tokens[-1] < 200, tokens
     assert all(p["state"] == "generating" and p["max_tokens"] == 200 for p in seen)
     assert all(0 < p["progress"] < 1 for p in seen)
+    assert all(p["prompt_tokens"] > 5 for p in seen)  # known once the prompt is evaluated
     assert all(p["id"] == rid and p["dialect"] == "openai" and p["model"] == MODEL
                for p in seen)
     final = requests.get(f"{base_url}/api/progress/{rid}", timeout=10).json()

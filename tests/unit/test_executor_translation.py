@@ -26,6 +26,7 @@ from ollama_server.core.schemas import (
     Finish,
     InternalRequest,
     Message,
+    PromptInfo,
     TextDelta,
     Tool,
     ToolCall,
@@ -105,12 +106,14 @@ def test_chat_finish_reasons(reason, stop_type, word, expected):
 
 def test_completion_parser_tokens_and_logprobs():
     parser = CompletionChunkParser()
-    (delta,) = parser.process({"content": " a", "tokens": [253], "stop": False,
+    prompt, delta = parser.process({"content": " a", "tokens": [253], "stop": False,
+                                    "tokens_evaluated": 3,
                                "completion_probabilities": [
                                    {"id": 253, "token": " a", "logprob": -1.0, "bytes": [32, 97],
                                     "top_logprobs": [{"id": 253, "token": " a", "logprob": -1.0},
                                                      {"id": 9, "token": " b",
                                                       "logprob": -2.0}]}]})
+    assert prompt == PromptInfo(3)  # once, before the first text
     assert delta.tokens[0].id == 253 and delta.tokens[0].logprob == -1.0
     assert delta.tokens[0].top == [(" a", -1.0, 253), (" b", -2.0, 9)]
     (plain,) = parser.process({"content": "xy", "tokens": [1, 2], "stop": False})
@@ -154,3 +157,13 @@ def test_chat_parser_strips_an_echoed_assistant_prefill():
     other = ChatChunkParser(prefill="Sure")
     (delta,) = other.process({"choices": [{"delta": {"content": "No echo here"}}]})
     assert delta.text == "No echo here"
+
+
+def test_chat_parser_reports_the_prompt_size_once_from_the_first_timings():
+    parser = ChatChunkParser()
+    first = parser.process({"choices": [{"delta": {"content": "Hi"}}],
+                            "timings": {"prompt_n": 5, "cache_n": 20, "predicted_n": 1}})
+    assert first == [PromptInfo(25, 20), TextDelta("Hi")]
+    again = parser.process({"choices": [{"delta": {"content": "!"}}],
+                            "timings": {"prompt_n": 5, "cache_n": 20, "predicted_n": 2}})
+    assert again == [TextDelta("!")]
