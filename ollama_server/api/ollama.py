@@ -149,14 +149,7 @@ def generate() -> Response:
             else:
                 yield from conv.process(event)
 
-    if req.stream:
-        return ndjson_response(objects(), on_close=gen.close,
-                               headers={"X-Request-Id": gen.request_id})
-    try:
-        final = list(objects())[-1]
-    finally:
-        gen.close()
-    return jsonify(conv.whole(final))
+    return _answer(gen, conv, objects(), req.stream)
 
 
 @bp.post("/api/chat")
@@ -172,15 +165,18 @@ def chat() -> Response:
     gen = start_generation(req, "/api/chat", svc)
     conv = ol.OllamaChatStream(model, gen.started, req.logprobs)
 
-    def objects() -> Iterator[dict[str, Any]]:
-        for event in gen:
-            yield from conv.process(event)
+    objects = (obj for event in gen for obj in conv.process(event))
+    return _answer(gen, conv, objects, req.stream)
 
-    if req.stream:
-        return ndjson_response(objects(), on_close=gen.close,
+
+def _answer(gen: Generation, conv: Any, objects: Iterator[dict[str, Any]],
+            stream: bool) -> Response:
+    """NDJSON of ``objects``, or (``stream: false``) the final object made whole."""
+    if stream:
+        return ndjson_response(objects, on_close=gen.close,
                                headers={"X-Request-Id": gen.request_id})
     try:
-        final = list(objects())[-1]
+        final = list(objects)[-1]
     finally:
         gen.close()
     return jsonify(conv.whole(final))
