@@ -511,19 +511,9 @@ class _CreatePlan:
             manifest = self.store.build_manifest(layers, config)
             self.store.write_manifest(self.name, manifest)
             if old is not None:
-                self._prune(old)
+                # Blobs only the replaced manifest used go, as Ollama prunes on create.
+                self.store.prune(old)
         yield {"status": "success"}
-
-    def _prune(self, old: dict[str, Any]) -> None:
-        """Remove the blobs only the replaced manifest used (as Ollama prunes on create)."""
-        used = self.store.referenced_blobs()
-        for entry in [old.get("config") or {}, *old.get("layers", [])]:
-            try:
-                hex_digest = digest_to_hex(entry.get("digest", ""))
-            except InvalidRequest:
-                continue
-            if hex_digest not in used:
-                (self.store.blobs_dir / f"sha256-{hex_digest}").unlink(missing_ok=True)
 
 
 @bp.post("/api/create")

@@ -242,6 +242,17 @@ class OllamaStore:
                     continue
         return used
 
+    def prune(self, manifest: dict[str, Any]) -> None:
+        """Remove the blobs of ``manifest`` (config and layers) that no stored manifest uses."""
+        still_used = self.referenced_blobs()
+        for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
+            try:
+                hex_digest = digest_to_hex(entry.get("digest", ""))
+            except InvalidRequest:
+                continue
+            if hex_digest not in still_used:
+                (self.blobs_dir / f"sha256-{hex_digest}").unlink(missing_ok=True)
+
     def delete(self, name: ModelName) -> bool:
         """Remove a manifest and the blobs no other manifest uses; False when absent."""
         path = name.manifest_path(self.manifests_dir)
@@ -252,14 +263,7 @@ class OllamaStore:
         except (OSError, ValueError):
             manifest = {}
         path.unlink()
-        still_used = self.referenced_blobs()
-        for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
-            try:
-                hex_digest = digest_to_hex(entry.get("digest", ""))
-            except InvalidRequest:
-                continue
-            if hex_digest not in still_used:
-                (self.blobs_dir / f"sha256-{hex_digest}").unlink(missing_ok=True)
+        self.prune(manifest)
         # Tidy empty folders left behind (never the manifests root itself).
         parent = path.parent
         while parent != self.manifests_dir and parent.is_dir() and not any(parent.iterdir()):
