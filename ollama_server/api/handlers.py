@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from ..core.schemas import (
     Event,
     Finish,
     InternalRequest,
+    Message,
     PromptInfo,
     ReasoningDelta,
     RequestState,
@@ -85,8 +87,6 @@ def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
         req.stop = [stops] if isinstance(stops, str) else list(stops)
     if info.system and req.messages is not None and not any(
             m.role == "system" for m in req.messages):
-        from ..core.schemas import Message
-
         req.messages.insert(0, Message(role="system", content=info.system))
 
 
@@ -276,8 +276,6 @@ def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,
                    keep_alive: float | None = None, svc: Services | None = None
                    ) -> tuple[list[list[float]], int, ModelInfo, float]:
     """(vectors, prompt tokens, model, load seconds) for a list of inputs, tracked."""
-    import uuid
-
     svc = svc or services()
     info = svc.manager.resolve(model)
     rid = uuid.uuid4().hex

@@ -380,8 +380,3 @@ class ModelManager:
         for entry in entries:
             entry.engine.stop()
 
-    def engine_restarts(self) -> int:
-        """Total restarts of the loaded engines (for metrics)."""
-        with self._lock:
-            return sum(e.engine.restarts for e in self._loaded.values())
-
