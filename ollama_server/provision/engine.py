@@ -1,23 +1,50 @@
-"""Build llama.cpp's ``llama-server`` once from pinned source and cache it outside the checkout.
+"""Build llama.cpp's ``llama-server`` (and its RPC worker) once, prove it runs, cache it.
 
 The source is the llama.cpp tree vendored in the ``llama-cpp-python`` sdist on the package index,
-checked by sha256. The build lands in ``<cache>/llama.cpp-<version>-<backend>-<arch>/bin`` and is
-reused by every later run (``make run``, ``make test``, CI on the same machine).
+checked by sha256. Two build flavours:
 
-Run ``python -m ollama_server.provision.engine`` to build (or find) it; it prints the folder that
-holds ``llama-server`` on its last line of stdout.
+- ``native`` (default): tuned for this machine's CPU (``-march=native``), one static binary.
+- ``portable`` (container images): CPU code for every x86-64 generation in loadable variants
+  (``GGML_BACKEND_DL`` + ``GGML_CPU_ALL_VARIANTS``); at run time ggml picks the best variant
+  this CPU supports.
+
+AMX stays out of both. The pinned llama.cpp's AMX kernels (``ggml-cpu/amx``) run tile
+instructions on worker threads that never asked the kernel for AMX state
+(``arch_prctl(ARCH_REQ_XCOMP_PERM)``), so the first matrix multiply dies with SIGILL on
+``tilezero`` on every AMX Xeon (upstream ggml-org/llama.cpp PR #26954, issues #28756, #13678).
+``-march=native`` on such a CPU turns them on; ``-mno-amx-*`` keeps them off (explicit ISA flags
+win over ``-march`` in GCC and clang whatever their order), and the portable build drops the one
+variant that is compiled with AMX (``sapphirerapids``); the AVX-512 variants below it serve that
+CPU instead. Lift this when the pinned source carries the upstream fix.
+
+Every build is proven before it is cached: the new binary loads the smallest default model,
+generates, embeds, and serves the model through its own RPC worker (``provision.smoke``). Only
+then is it moved into ``<cache>/<key>/bin``. The key names the llama.cpp version, backend,
+flavour and machine, plus a hash of the build flags, the compiler and (native only) the CPU
+features the build was tuned for: a cache copied to another CPU, or flags changed here, is a
+rebuild, never a crash.
+
+``python -m ollama_server.provision.engine [--portable] [--rebuild]`` builds (or finds) it and
+prints the folder that holds ``llama-server`` on its last line of stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..models.store import sha256_file
@@ -27,22 +54,50 @@ SDIST_VERSION = "0.3.36"
 SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 BINARY = "llama-server"
+RPC_BINARY = "ggml-rpc-server"
+TARGETS = (BINARY, RPC_BINARY)
+BUILD_INFO = "build-info.json"
+FLAVOURS = ("native", "portable")
 
 CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",  # one self-contained binary that can live anywhere
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_BUILD_TOOLS=ON",
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # no web UI download at configure time (served with --no-webui)
+    "-DGGML_RPC=ON",  # llama-server --rpc, and the ggml-rpc-server worker for other hosts
 ]
+# One self-contained binary that can live anywhere.
+NATIVE_FLAGS = ["-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON"]
+# Loadable CPU variants beside the binary; $ORIGIN lets the folder move as a whole.
+PORTABLE_FLAGS = ["-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON",
+                  "-DGGML_CPU_ALL_VARIANTS=ON", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON"]
+NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+AMX_VARIANTS = ("sapphirerapids",)  # GGML_CPU_ALL_VARIANTS entries compiled with AMX
+# Instructions that only AMX code holds; a build in use must hold none of them.
+AMX_MNEMONICS = ("tilezero", "tileloadd", "tileloaddt1", "tilestored", "ldtilecfg",
+                 "sttilecfg", "tilerelease", "tdpbssd", "tdpbsud", "tdpbusd", "tdpbuud",
+                 "tdpbf16ps")
+
+# The CPU features that decide which code a native build holds (what -march=native turns on).
+X86_FEATURES = ("sse4_2", "avx", "f16c", "fma", "bmi2", "avx2", "avx_vnni", "avx512f",
+                "avx512cd", "avx512vl", "avx512dq", "avx512bw", "avx512vbmi", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
+ARM_FEATURES = ("asimd", "fphp", "asimdhp", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
 
 
 def log(msg: str) -> None:
     """Progress goes to stderr so stdout stays the answer (the engine folder)."""
     print(f"[engine] {msg}", file=sys.stderr, flush=True)
+
+
+class EngineBuildFailed(SystemExit):
+    """A build step failed; the message says which, and where the full log is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"[engine] error: {message}")
 
 
 def cache_root() -> Path:
@@ -82,17 +137,158 @@ def choose_backend() -> str:
     return "cuda" if shutil.which("nvcc") and gpu_visible() else "cpu"
 
 
-def engine_dir(backend: str | None = None) -> Path:
-    """Where the built binary for this version and backend lives (may not exist yet)."""
+def choose_flavour(flavour: str | None = None) -> str:
+    """``native`` unless asked otherwise (``OLLAMA_SERVER_ENGINE_FLAVOUR`` or the argument)."""
+    flavour = (flavour or os.environ.get("OLLAMA_SERVER_ENGINE_FLAVOUR") or "native").lower()
+    if flavour not in FLAVOURS:
+        raise SystemExit(f"the engine flavour must be one of {', '.join(FLAVOURS)}, "
+                         f"not {flavour!r}")
+    return flavour
+
+
+# --- what a build is -------------------------------------------------------------------------
+
+def cpu_features(cpuinfo: str | None = None, machine: str | None = None) -> list[str]:
+    """The CPU features (from /proc/cpuinfo) that change what a native build holds."""
+    machine = machine or platform.machine()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    words: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            words.update(value.split())
+            break  # every core lists the same flags
+    if machine in ("x86_64", "amd64", "i686"):
+        wanted: tuple[str, ...] = X86_FEATURES
+    elif machine in ("aarch64", "arm64"):
+        wanted = ARM_FEATURES
+    else:
+        return sorted(words)
+    return [f for f in wanted if f in words]
+
+
+def compiler_id() -> str:
+    """The C compiler's version line (a new compiler is a new build)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or "cc"
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=20)
+        return out.stdout.splitlines()[0].strip() if out.stdout else cc
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return cc
+
+
+def cmake_flags(backend: str, flavour: str, machine: str | None = None) -> list[str]:
+    """The CMake flags of a build of ``backend`` and ``flavour`` for ``machine``."""
+    machine = machine or platform.machine()
+    flags = list(CMAKE_FLAGS) + (NATIVE_FLAGS if flavour == "native" else PORTABLE_FLAGS)
+    if backend == "cuda":
+        flags.append("-DGGML_CUDA=ON")
+    if flavour == "native" and machine in ("x86_64", "amd64"):
+        cflags = " ".join(NO_AMX)
+        flags += [f"-DCMAKE_C_FLAGS={cflags}", f"-DCMAKE_CXX_FLAGS={cflags}"]
+    return flags
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """One engine build: what it is made of and where it is cached."""
+
+    backend: str
+    flavour: str
+    machine: str
+    flags: tuple[str, ...]
+    features: tuple[str, ...]  # empty for the portable flavour: it does not depend on them
+    compiler: str
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of everything that decides whether the binary runs on a machine."""
+        blob = json.dumps({"version": SDIST_VERSION, "sha256": SDIST_SHA256,
+                           "flags": list(self.flags), "features": list(self.features),
+                           "compiler": self.compiler}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def key(self) -> str:
+        """The cache folder's name."""
+        return (f"llama.cpp-{SDIST_VERSION}-{self.backend}-{self.flavour}-{self.machine}-"
+                f"{self.fingerprint}")
+
+    @property
+    def root(self) -> Path:
+        """``<cache>/<key>``: holds ``bin/`` and ``build-info.json`` once proven."""
+        return cache_root() / self.key
+
+    @property
+    def bin_dir(self) -> Path:
+        """The folder that holds ``llama-server`` and ``ggml-rpc-server``."""
+        return self.root / "bin"
+
+
+def make_plan(backend: str | None = None, flavour: str | None = None,
+              cpuinfo: str | None = None, machine: str | None = None,
+              compiler: str | None = None) -> BuildPlan:
+    """The build this machine needs (arguments override what is read off the machine)."""
     backend = backend or choose_backend()
-    return cache_root() / f"llama.cpp-{SDIST_VERSION}-{backend}-{platform.machine()}" / "bin"
+    flavour = choose_flavour(flavour)
+    machine = machine or platform.machine()
+    features = cpu_features(cpuinfo, machine) if flavour == "native" else []
+    return BuildPlan(backend=backend, flavour=flavour, machine=machine,
+                     flags=tuple(cmake_flags(backend, flavour, machine)),
+                     features=tuple(features), compiler=compiler or compiler_id())
 
 
-def cached_engine(backend: str | None = None) -> Path | None:
-    """The cached ``llama-server`` binary, or None when it has not been built."""
-    path = engine_dir(backend) / BINARY
+def engine_dir(backend: str | None = None, flavour: str | None = None) -> Path:
+    """Where the proven binary for this machine lives (may not exist yet)."""
+    return make_plan(backend, flavour).bin_dir
+
+
+def cached_engine(backend: str | None = None, flavour: str | None = None) -> Path | None:
+    """The cached, proven ``llama-server`` for this machine, or None."""
+    plan = make_plan(backend, flavour)
+    path = plan.bin_dir / BINARY
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        return None
+    try:
+        info = json.loads((plan.root / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return path if info.get("smoke", {}).get("ok") else None
+
+
+def rpc_worker_binary(engine: Path) -> Path | None:
+    """The ``ggml-rpc-server`` that belongs to an engine binary (same folder), if built."""
+    path = Path(engine).parent / RPC_BINARY
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
+
+# --- AMX check -------------------------------------------------------------------------------
+
+def amx_instructions(path: Path) -> int:
+    """How many AMX tile instructions the machine code of ``path`` holds (objdump -d)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        raise RuntimeError("objdump (binutils) is needed to inspect the engine's machine code")
+    pattern = re.compile(r"\t(" + "|".join(AMX_MNEMONICS) + r")\b")
+    proc = subprocess.Popen([objdump, "-d", "--no-show-raw-insn", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    count = sum(1 for line in proc.stdout if pattern.search(line.decode(errors="replace")))
+    proc.wait()
+    return count
+
+
+def engine_code_files(bin_dir: Path) -> list[Path]:
+    """The files of a build folder that hold machine code (binaries and shared libraries)."""
+    return sorted(p for p in bin_dir.iterdir() if p.is_file() and (
+        p.name in TARGETS or p.suffix == ".so" or ".so." in p.name))
+
+
+# --- building --------------------------------------------------------------------------------
 
 def fetch_sdist(dest: Path) -> Path:
     """Download the pinned sdist from the package index (or reuse it) and check its sha256."""
@@ -101,64 +297,232 @@ def fetch_sdist(dest: Path) -> Path:
         log(f"downloading {SDIST_PACKAGE}=={SDIST_VERSION} sdist from the package index")
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "-d", str(dest), f"{SDIST_PACKAGE}=={SDIST_VERSION}"],
+             "-q", "-d", str(dest), f"{SDIST_PACKAGE}=={SDIST_VERSION}"],
             check=True, stdout=sys.stderr,
         )
     got = sha256_file(sdist)
     if got != SDIST_SHA256:
         sdist.unlink(missing_ok=True)
-        raise SystemExit(f"{SDIST_FILE}: sha256 {got} does not match the pinned {SDIST_SHA256}")
-    log(f"{SDIST_FILE} sha256 verified")
+        raise EngineBuildFailed(f"{SDIST_FILE}: sha256 {got} does not match the pinned "
+                                f"{SDIST_SHA256}")
     return sdist
 
 
 def extract_llama_cpp(sdist: Path, dest: Path) -> Path:
-    """Unpack only ``vendor/llama.cpp`` from the sdist; return its folder."""
+    """Unpack only ``vendor/llama.cpp`` from the sdist (once); return its folder."""
+    found = next(dest.glob("*/vendor/llama.cpp"), None)
+    if found is not None and (found / "CMakeLists.txt").is_file():
+        return found
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"]
         tar.extractall(dest, members=members, filter="data")
     found = next(dest.glob("*/vendor/llama.cpp"), None)
     if found is None or not (found / "CMakeLists.txt").is_file():
-        raise SystemExit(f"{sdist.name} holds no vendor/llama.cpp/CMakeLists.txt")
+        raise EngineBuildFailed(f"{sdist.name} holds no vendor/llama.cpp/CMakeLists.txt")
     return found
 
 
-def build(backend: str, jobs: int) -> Path:
-    """Build ``llama-server`` for ``backend`` into the cache; return the binary's path."""
-    target = engine_dir(backend)
+_NINJA_STEP = re.compile(rb"^\[(\d+)/(\d+)\]")
+_MAKE_STEP = re.compile(rb"^\[\s*(\d+)%\]")
+
+
+class Progress:
+    """Turns the build's output into a few lines: one per stage, compile in 10% steps."""
+
+    def __init__(self, emit: Callable[[str], None] = log) -> None:
+        self.emit = emit
+        self.next_pct = 0
+        self.linked: set[str] = set()
+
+    def feed(self, line: bytes) -> None:
+        """One line of the build's output."""
+        m = _NINJA_STEP.match(line)
+        if m:
+            done, total = int(m.group(1)), int(m.group(2))
+            pct = 100 * done // max(1, total)
+            detail = f"{done}/{total}"
+        else:
+            m = _MAKE_STEP.match(line)
+            if not m:
+                return
+            pct = int(m.group(1))
+            detail = f"{pct}%"
+        for name in TARGETS:
+            if (b"Linking" in line and line.rstrip().endswith(f"bin/{name}".encode())
+                    and name not in self.linked):
+                self.linked.add(name)
+                self.emit(f"link {name} ({detail})")
+        if pct >= self.next_pct:
+            self.emit(f"compile {pct:3d}% ({detail})")
+            self.next_pct = (pct // 10 + 1) * 10
+
+
+def run_logged(cmd: list[str], logfile: Path, stage: str,
+               on_line: Callable[[bytes], None] | None = None,
+               cwd: Path | None = None) -> None:
+    """Run ``cmd`` with its output appended to ``logfile``; EngineBuildFailed on failure."""
+    with open(logfile, "ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if on_line is not None:
+                on_line(line)
+        code = proc.wait()
+    if code != 0:
+        tail = logfile.read_text(errors="replace").splitlines()[-15:]
+        errors = [t for t in tail if "error" in t.lower()] or tail[-5:]
+        raise EngineBuildFailed(
+            f"{stage} failed (exit code {code}): {' | '.join(e.strip() for e in errors)}\n"
+            f"The full log is {logfile}.")
+
+
+@contextmanager
+def build_lock() -> Iterator[None]:
+    """One build at a time per cache (two `make` runs at once wait for each other)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another engine build is running; waiting for it")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def build(plan: BuildPlan, jobs: int, smoke_model: Path | None) -> Path:
+    """Build ``plan``, prove it on ``smoke_model``, publish it; return the binary's path.
+
+    The build tree stays in ``<cache>/build/<key>`` until the build is proven, so a run that
+    was interrupted (or whose smoke test failed for a reason outside the binary) continues
+    where it stopped instead of starting over.
+    """
+    from .smoke import SmokeFailed, smoke_test
+
+    began = time.monotonic()
     downloads = cache_root() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    sdist = fetch_sdist(downloads)
-    with tempfile.TemporaryDirectory(prefix="llama-build-", dir=cache_root()) as tmp:
-        src = extract_llama_cpp(sdist, Path(tmp))
-        build_dir = Path(tmp) / "build"
-        flags = CMAKE_FLAGS + (["-DGGML_CUDA=ON"] if backend == "cuda" else [])
-        log(f"configuring llama.cpp ({backend}): cmake {' '.join(flags)}")
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *flags],
-                       check=True, stdout=sys.stderr)
-        log(f"building target {BINARY} with {jobs} jobs (about 9 minutes on 2 cores)")
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", BINARY, "-j", str(jobs)],
-                       check=True, stdout=sys.stderr)
-        built = build_dir / "bin" / BINARY
-        if not built.is_file():
-            raise SystemExit(f"the build finished but {built} is missing")
-        # Publish atomically: a half-copied binary must never look like a cached build.
-        target.mkdir(parents=True, exist_ok=True)
-        staging = target / f".{BINARY}.tmp"
-        shutil.copy2(built, staging)
-        os.replace(staging, target / BINARY)
-    log(f"built {target / BINARY}")
-    return target / BINARY
+    work = cache_root() / "build" / plan.key
+    work.mkdir(parents=True, exist_ok=True)
+    logfile = cache_root() / "logs" / f"build-{plan.key}.log"
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    logfile.write_text(f"engine build {plan.key}\nflags: {' '.join(plan.flags)}\n"
+                       f"cpu features: {' '.join(plan.features) or '-'}\n"
+                       f"compiler: {plan.compiler}\n")
+    log(f"building llama.cpp {SDIST_VERSION} ({plan.backend}, {plan.flavour}) into "
+        f"{plan.root}; full log: {logfile}")
+
+    log("[1/5] source: fetching and checking the pinned sdist")
+    src = extract_llama_cpp(fetch_sdist(downloads), work / "src")
+
+    log("[2/5] configure")
+    build_dir = work / "tree"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    if generator and (build_dir / "Makefile").is_file():
+        generator = []  # a tree configured without ninja keeps its generator
+    run_logged(["cmake", "-S", str(src), "-B", str(build_dir), *generator, *plan.flags],
+               logfile, "configure")
+
+    log(f"[3/5] compile and link {', '.join(TARGETS)} with {jobs} jobs "
+        f"(about 5-9 minutes on 2 cores the first time)")
+    progress = Progress()
+    run_logged(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
+               logfile, "compile", on_line=progress.feed)
+    out_bin = build_dir / "bin"
+    for name in TARGETS:
+        if not (out_bin / name).is_file():
+            raise EngineBuildFailed(f"the build finished but {out_bin / name} is missing; "
+                                    f"the full log is {logfile}")
+    if plan.flavour == "portable":
+        for variant in AMX_VARIANTS:
+            for lib in out_bin.glob(f"libggml-cpu-{variant}.so*"):
+                log(f"dropping the AMX CPU variant {lib.name} (SIGILL in this llama.cpp)")
+                lib.unlink()
+
+    log("[4/5] smoke test: load, generate, embed, and serve through the RPC worker")
+    if smoke_model is None:
+        raise EngineBuildFailed("no model to prove the build with: run `make models` first "
+                                "(or pass --smoke-model PATH)")
+    try:
+        smoke = smoke_test(out_bin / BINARY, smoke_model, rpc_binary=out_bin / RPC_BINARY,
+                           log=log)
+    except SmokeFailed as exc:
+        with open(logfile, "a") as fh:
+            fh.write(f"\nsmoke test failed: {exc}\n{exc.output}\n")
+        raise EngineBuildFailed(f"{exc}\nThe engine's output is in {logfile}.") from None
+
+    log("[5/5] publish")
+    publish(plan, out_bin, {"smoke": smoke, "build_seconds": round(time.monotonic() - began),
+                            "log": str(logfile)})
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"built and proven in {time.monotonic() - began:.0f}s: {plan.bin_dir / BINARY}")
+    return plan.bin_dir / BINARY
 
 
-def ensure_engine(backend: str | None = None, jobs: int | None = None) -> Path:
-    """Return the cached engine binary, building it first when it is missing."""
-    backend = backend or choose_backend()
-    found = cached_engine(backend)
-    if found:
-        log(f"using cached {found}")
-        return found
-    return build(backend, jobs or os.cpu_count() or 2)
+def publish(plan: BuildPlan, out_bin: Path, extra: dict) -> None:
+    """Move a proven build into ``plan.root`` atomically (a half copy never looks cached)."""
+    staging = cache_root() / f".publish-{plan.key}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "bin").mkdir(parents=True)
+    for path in engine_code_files(out_bin):
+        shutil.copy2(path, staging / "bin" / path.name, follow_symlinks=True)
+    info = {"version": SDIST_VERSION, "backend": plan.backend, "flavour": plan.flavour,
+            "machine": plan.machine, "flags": list(plan.flags), "cpu_features":
+            list(plan.features), "compiler": plan.compiler, "key": plan.key,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    old = None
+    if plan.root.exists():
+        old = cache_root() / f".old-{plan.key}-{os.getpid()}"
+        os.replace(plan.root, old)
+    os.replace(staging, plan.root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def default_smoke_model(models_dir: Path | None) -> Path | None:
+    """The GGUF of the smallest default model in ``models_dir`` (an Ollama store), if there."""
+    from ..models.store import ModelName, OllamaStore
+    from .models import DEFAULT_MODELS
+
+    if models_dir is None:
+        return None
+    store = OllamaStore(Path(models_dir).resolve())
+    for pkg in DEFAULT_MODELS:  # smallest first
+        path = ModelName.parse(pkg.name).manifest_path(store.manifests_dir)
+        if not path.is_file():
+            continue
+        try:
+            layer = store.layer(store.read_manifest(path), "model")
+            blob = store.blob_path(layer["digest"]) if layer else None
+        except (OSError, ValueError, KeyError):
+            continue
+        if blob is not None and blob.is_file():
+            return blob
+    return None
+
+
+def ensure_engine(backend: str | None = None, jobs: int | None = None, *,
+                  flavour: str | None = None, rebuild: bool = False,
+                  smoke_model: Path | None = None) -> Path:
+    """Return the cached, proven engine binary, building and proving it first when needed."""
+    plan = make_plan(backend, flavour)
+    with build_lock():
+        found = None if rebuild else cached_engine(plan.backend, plan.flavour)
+        if found:
+            log(f"using cached {found}")
+            return found
+        if rebuild:
+            log(f"rebuilding {plan.key} (asked to)")
+        elif (cache_root().exists() and any(p.name.startswith(
+                f"llama.cpp-{SDIST_VERSION}-{plan.backend}-{plan.flavour}-")
+                for p in cache_root().iterdir())):
+            log("a cached engine exists, but for other build flags or another CPU; "
+                "building one for this machine")
+        return build(plan, jobs or os.cpu_count() or 2, smoke_model)
 
 
 class EngineNotFound(RuntimeError):
@@ -169,6 +533,7 @@ def resolve_binary(llama_cpp_path: str | None) -> Path:
     """Find llama-server: the configured llama.cpp folder or binary, then PATH, then the cache.
 
     A llama.cpp build folder may hold the binary at ``bin/``, ``build/bin/`` or its top level.
+    The cache is searched for this machine's native build first, then the portable one.
     """
     if llama_cpp_path:
         base = Path(llama_cpp_path).expanduser()
@@ -184,28 +549,42 @@ def resolve_binary(llama_cpp_path: str | None) -> Path:
     on_path = shutil.which(BINARY)
     if on_path:
         return Path(on_path).resolve()
-    for backend in (choose_backend(), "cpu"):
-        found = cached_engine(backend)
-        if found:
-            return found
+    for backend in dict.fromkeys((choose_backend(), "cpu")):
+        for flavour in dict.fromkeys((choose_flavour(), *FLAVOURS)):
+            found = cached_engine(backend, flavour)
+            if found:
+                return found
     raise EngineNotFound(
         f"no {BINARY} found: not configured (llama_cpp_path / --llama-cpp-dir), not on PATH, "
-        f"and not built yet in {engine_dir()}. Run `make engine` (or `make run`, which builds "
-        f"it once, about 9 minutes on 2 cores).")
+        f"and no proven build for this machine in {cache_root()} (a build made on another "
+        f"CPU or with other flags does not count). Run `make engine` (or `make run`, which "
+        f"builds it once, about 5-9 minutes on 2 cores).")
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build or find the engine and print its folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--portable", action="store_true",
+                        help="build for any x86-64 (CPU variants chosen at run time)")
     parser.add_argument("--jobs", type=int, default=None)
+    parser.add_argument("--rebuild", action="store_true",
+                        default=bool(os.environ.get("OLLAMA_SERVER_ENGINE_REBUILD")),
+                        help="build again even when a proven build is cached")
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="an Ollama store holding a default model for the smoke test")
+    parser.add_argument("--smoke-model", type=Path, default=None,
+                        help="a GGUF file for the smoke test")
     parser.add_argument("--print-dir", action="store_true",
                         help="print the folder the engine would be cached in and exit")
     args = parser.parse_args(argv)
+    flavour = "portable" if args.portable else None
     if args.print_dir:
-        print(engine_dir(args.backend))
+        print(engine_dir(args.backend, flavour))
         return 0
-    print(ensure_engine(args.backend, args.jobs).parent)
+    model = args.smoke_model or default_smoke_model(args.models_dir)
+    print(ensure_engine(args.backend, args.jobs, flavour=flavour, rebuild=args.rebuild,
+                        smoke_model=model).parent)
     return 0
 
 
