@@ -400,13 +400,11 @@ def build(plan: BuildPlan, jobs: int, smoke_model: Path | None) -> Path:
     was interrupted (or whose smoke test failed for a reason outside the binary) continues
     where it stopped instead of starting over.
     """
-    from .smoke import SmokeFailed, smoke_test
-
     began = time.monotonic()
-    downloads = cache_root() / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
+    if smoke_model is None:
+        raise EngineBuildFailed("no model to prove the build with: run `make models` first "
+                                "(or pass --smoke-model PATH)")
     work = cache_root() / "build" / plan.key
-    work.mkdir(parents=True, exist_ok=True)
     logfile = cache_root() / "logs" / f"build-{plan.key}.log"
     logfile.parent.mkdir(parents=True, exist_ok=True)
     logfile.write_text(f"engine build {plan.key}\nflags: {' '.join(plan.flags)}\n"
@@ -414,7 +412,17 @@ def build(plan: BuildPlan, jobs: int, smoke_model: Path | None) -> Path:
                        f"compiler: {plan.compiler}\n")
     log(f"building llama.cpp {SDIST_VERSION} ({plan.backend}, {plan.flavour}) into "
         f"{plan.root}; full log: {logfile}")
+    out_bin = compile_tree(plan, work, jobs, logfile)
+    binary = prove_and_publish(plan, out_bin, smoke_model, logfile, began)
+    shutil.rmtree(work, ignore_errors=True)
+    return binary
 
+
+def compile_tree(plan: BuildPlan, work: Path, jobs: int, logfile: Path) -> Path:
+    """Steps 1-3: source, configure, compile; return the build's ``bin`` folder."""
+    downloads = cache_root() / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     log("[1/5] source: fetching and checking the pinned sdist")
     src = extract_llama_cpp(fetch_sdist(downloads), work / "src")
 
@@ -427,7 +435,7 @@ def build(plan: BuildPlan, jobs: int, smoke_model: Path | None) -> Path:
                logfile, "configure")
 
     log(f"[3/5] compile and link {', '.join(TARGETS)} with {jobs} jobs "
-        f"(about 5-9 minutes on 2 cores the first time)")
+        f"(about 5-15 minutes on 2 cores the first time)")
     progress = Progress()
     run_logged(["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", str(jobs)],
                logfile, "compile", on_line=progress.feed)
@@ -441,23 +449,26 @@ def build(plan: BuildPlan, jobs: int, smoke_model: Path | None) -> Path:
             for lib in out_bin.glob(f"libggml-cpu-{variant}.so*"):
                 log(f"dropping the AMX CPU variant {lib.name} (SIGILL in this llama.cpp)")
                 lib.unlink()
+    return out_bin
+
+
+def prove_and_publish(plan: BuildPlan, out_bin: Path, smoke_model: Path, logfile: Path,
+                      began: float) -> Path:
+    """Steps 4-5: smoke-test the build in ``out_bin``; only if it passes, cache it."""
+    from .smoke import SmokeFailed, smoke_test
 
     log("[4/5] smoke test: load, generate, embed, and serve through the RPC worker")
-    if smoke_model is None:
-        raise EngineBuildFailed("no model to prove the build with: run `make models` first "
-                                "(or pass --smoke-model PATH)")
     try:
         smoke = smoke_test(out_bin / BINARY, smoke_model, rpc_binary=out_bin / RPC_BINARY,
                            log=log)
     except SmokeFailed as exc:
         with open(logfile, "a") as fh:
             fh.write(f"\nsmoke test failed: {exc}\n{exc.output}\n")
-        raise EngineBuildFailed(f"{exc}\nThe engine's output is in {logfile}.") from None
-
+        raise EngineBuildFailed(f"{exc}\nNothing was cached. The engine's output is in "
+                                f"{logfile}.") from None
     log("[5/5] publish")
     publish(plan, out_bin, {"smoke": smoke, "build_seconds": round(time.monotonic() - began),
                             "log": str(logfile)})
-    shutil.rmtree(work, ignore_errors=True)
     log(f"built and proven in {time.monotonic() - began:.0f}s: {plan.bin_dir / BINARY}")
     return plan.bin_dir / BINARY
 
