@@ -11,12 +11,13 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser run test test-fast \
-        lint bench clean
+        lint bench bench-split clean rpc-worker
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
 	@echo "make test   - set everything up and run the whole test suite"
-	@echo "make engine | engine-rebuild | engine-portable | models | venv | browser | lint | bench"
+	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
+	@echo "make lint | bench | bench-split"
 	@echo "make clean"
 
 venv: $(STAMP)
@@ -60,6 +61,13 @@ browser:
 	    chromium fonts-dejavu-core >/dev/null && \
 	  test -x /usr/bin/chromium; }
 
+# llama.cpp's RPC worker from the project's engine build, for splitting models across hosts.
+# Listen only on a trusted private network: workers have no authentication.
+RPC_HOST ?= 127.0.0.1
+RPC_PORT ?= 50052
+rpc-worker: venv engine
+	$(VPY) -m ollama_server.provision.rpc_worker --host $(RPC_HOST) --port $(RPC_PORT)
+
 setup: venv engine models
 
 run: setup
@@ -77,6 +85,10 @@ test-fast: venv
 
 bench: setup
 	$(VPY) bench/bench_overhead.py --model-dir $(MODELS)
+
+# Local vs split over two loopback RPC workers: what a split costs.
+bench-split: setup
+	$(VPY) bench/bench_split.py --model-dir $(MODELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache logs

@@ -63,6 +63,17 @@ class Config:
     cors_origins: list[str] = field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
     debug: bool = False
 
+    # --- splitting models across GPUs and hosts (issue 10) ------------------------------
+    # llama.cpp RPC workers (ggml-rpc-server) on other hosts, "host:port"; their devices are
+    # used like local GPUs (-ngl and tensor_split spread layers over them).
+    rpc_servers: list[str] = field(default_factory=list)
+    allow_public_rpc: bool = False  # workers have no authentication: private addresses only
+    main_gpu: int | None = None  # --main-gpu
+    fit_target_mib: int | None = None  # --fit-target: MiB --fit leaves free on each device
+    # Per-model overrides of rpc_servers, tensor_split, gpu_layers, main_gpu, fit_target_mib:
+    # {"big-model:70b": {"rpc_servers": [...], "tensor_split": "1,1,2"}}.
+    model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     # --- derived paths -------------------------------------------------------------------
 
     @property
@@ -92,12 +103,63 @@ class Config:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {self.log_level!r}")
         self.log_level = "DEBUG" if self.debug else self.log_level.upper()
-        if self.tensor_split is not None:
-            if not self.tensor_split or any(x < 0 for x in self.tensor_split) or \
-                    sum(self.tensor_split) <= 0:
-                raise ConfigError(f"tensor_split must be non-negative proportions such as "
-                                  f"'3,1', got {self.tensor_split}")
+        _check_split_settings(self.__dict__, self.allow_public_rpc, "")
+        checked: dict[str, dict[str, Any]] = {}
+        for model, settings in self.model_settings.items():
+            prefix = f"model_settings.{model}."
+            if not isinstance(settings, dict):
+                raise ConfigError(f"model_settings.{model} must be a mapping of "
+                                  f"{', '.join(MODEL_SETTING_KEYS)}")
+            values = {}
+            for key, value in settings.items():
+                if key not in MODEL_SETTING_KEYS:
+                    raise ConfigError(f"unknown key {prefix}{key}; a model may override "
+                                      f"{', '.join(MODEL_SETTING_KEYS)}")
+                values[key] = _coerce(key, value, prefix)
+            _check_split_settings(values, self.allow_public_rpc, prefix)
+            checked[model] = values
+        self.model_settings = checked
         return self
+
+    def engine_overrides(self, model: str) -> dict[str, Any]:
+        """The model_settings entry for ``model`` (matched like model names: case and a
+        missing ``:latest`` do not matter), or {}."""
+        def norm(name: str) -> str:
+            name = name.strip().lower()
+            return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
+        wanted = norm(model)
+        return next((v for k, v in self.model_settings.items() if norm(k) == wanted), {})
+
+
+MODEL_SETTING_KEYS = ("rpc_servers", "tensor_split", "gpu_layers", "main_gpu", "fit_target_mib")
+MAX_DEVICES = 16  # llama.cpp's LLAMA_MAX_DEVICES
+
+
+def _check_split_settings(values: dict[str, Any], allow_public: bool, prefix: str) -> None:
+    """Validate the splitting keys present in ``values``; ConfigError naming the key."""
+    from .core.workers import EndpointError, check_endpoint, local_gpu_count
+
+    split = values.get("tensor_split")
+    if split is not None:
+        if not split or any(x < 0 for x in split) or sum(split) <= 0:
+            raise ConfigError(f"{prefix}tensor_split must be non-negative proportions such as "
+                              f"'3,1', got {split}")
+        if len(split) > MAX_DEVICES:
+            raise ConfigError(f"{prefix}tensor_split has {len(split)} parts; llama.cpp "
+                              f"handles at most {MAX_DEVICES} devices")
+    for endpoint in values.get("rpc_servers") or []:
+        try:
+            check_endpoint(endpoint, allow_public)
+        except EndpointError as exc:
+            raise ConfigError(f"{prefix}rpc_servers: {exc}") from None
+    gpus = local_gpu_count()
+    if split and not values.get("rpc_servers") and gpus and len(split) > gpus:
+        raise ConfigError(f"{prefix}tensor_split has {len(split)} parts, but this machine has "
+                          f"{gpus} GPU(s) and no rpc_servers: give one proportion per device")
+    for key in ("gpu_layers", "main_gpu", "fit_target_mib"):
+        value = values.get(key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{prefix}{key} must be 0 or more, got {value}")
 
 
 def _abs(path: str) -> Path:
@@ -108,7 +170,7 @@ def _abs(path: str) -> Path:
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def _coerce(key: str, value: Any) -> Any:
+def _coerce(key: str, value: Any, prefix: str = "") -> Any:
     """Turn a YAML, env or CLI value into the type of ``key``; ConfigError when impossible."""
     kind = str(_FIELDS[key].type)
     try:
@@ -116,6 +178,8 @@ def _coerce(key: str, value: Any) -> Any:
                                                                                 "null")):
             if "None" in kind:
                 return None
+            if key in ("rpc_servers", "model_settings"):  # an empty YAML key: none
+                return [] if key == "rpc_servers" else {}
             raise ValueError("a value is required")
         if key == "tensor_split":
             if isinstance(value, str):
@@ -127,7 +191,13 @@ def _coerce(key: str, value: Any) -> Any:
             if isinstance(value, str):
                 return [v for v in value.split(os.pathsep) if v]
             return [str(v) for v in value]
-        if key == "cors_origins":
+        if key == "model_settings":
+            if isinstance(value, str):  # from the environment: YAML or JSON
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping of model name to settings")
+            return {str(k): v for k, v in value.items()}
+        if key in ("cors_origins", "rpc_servers"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
@@ -149,8 +219,8 @@ def _coerce(key: str, value: Any) -> Any:
                 raise ValueError("expected a number")
             return float(value)
         return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid value for {key}: {value!r} ({exc})") from None
+    except (TypeError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"invalid value for {prefix}{key}: {value!r} ({exc})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

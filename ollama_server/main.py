@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split models across GPUs, e.g. '3,1'")
     p.add_argument("--gpu-layers", dest="gpu_layers", type=int,
                    help="layers to offload to the GPU (-ngl)")
+    p.add_argument("--rpc", dest="rpc_servers",
+                   help="llama.cpp RPC workers to spread models over, e.g. "
+                        "'10.0.0.2:50052,10.0.0.3:50052' (private network only)")
     p.add_argument("--threads", type=int, help="CPU threads per engine (0: automatic)")
     p.add_argument("--parallel", type=int, help="parallel slots per model")
     p.add_argument("--context-size", dest="default_context_size", type=int,

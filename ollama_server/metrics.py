@@ -54,6 +54,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from .core.request_tracker import RequestTracker
 from .core.schemas import RequestState, RequestStatus
+from .core.workers import hello
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,36 @@ class _LiveCollector:
             state = getattr(getattr(entry.engine, "state", None), "value", "unknown")
             per_model.add_metric([entry.info.name, str(state), str(entry.ctx_size)], 1)
         yield per_model
+
+        device_mem = GaugeMetricFamily(
+            "ollama_server_device_memory_bytes",
+            "Memory a loaded model holds on each device (weights, kv, compute)",
+            labels=["model", "device", "endpoint", "kind"])
+        device_free = GaugeMetricFamily(
+            "ollama_server_device_free_bytes",
+            "Free memory each device reported when the model was loaded",
+            labels=["model", "device", "endpoint"])
+        for entry in loaded:
+            report = getattr(entry.engine, "report", None)
+            for dev in report.devices() if report is not None else []:
+                labels = [entry.info.name, dev["name"], dev["endpoint"] or ""]
+                for kind in ("weights", "kv", "compute"):
+                    device_mem.add_metric(labels + [kind], dev[f"{kind}_mib"] * MIB)
+                if dev["free_mib"] is not None:
+                    device_free.add_metric(labels, dev["free_mib"] * MIB)
+        yield device_mem
+        yield device_free
+        workers = m.manager.rpc_workers() if hasattr(m.manager, "rpc_workers") else []
+        if workers:
+            up = GaugeMetricFamily("ollama_server_rpc_worker_up",
+                                   "1 when the RPC worker accepts connections",
+                                   labels=["endpoint"])
+            in_use = m.manager.workers_in_use()
+            for endpoint in workers:  # one held by a running engine is up without a probe
+                alive = endpoint in in_use or hello(endpoint, timeout=0.5).state in (
+                    "ready", "busy")
+                up.add_metric([endpoint], 1.0 if alive else 0.0)
+            yield up
 
         restarts = Metric("ollama_server_engine_restarts", "llama-server restarts", "counter")
         restarts.add_sample("ollama_server_engine_restarts_total", {}, m.engine_restarts())

@@ -680,7 +680,7 @@ def anthropic_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
         status = 529  # Anthropic's "overloaded"; the SDK retries it like a 5xx
     elif isinstance(exc, InvalidRequest):
         status = exc.status if 400 <= exc.status < 500 else 400  # 405 stays 405
-    elif exc.status in (403, 429):
+    elif exc.status in (403, 429, 503):  # 503: an engine dependency is down, retry later
         status = exc.status
     else:
         status = 500

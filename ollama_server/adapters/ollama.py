@@ -767,7 +767,11 @@ def show_body(info: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def ps_entry(entry: Any, now_wall: float, now_mono: float) -> dict[str, Any]:
-    """One /api/ps item from a LoadedModel (``size_vram`` 0: no GPU memory is measured)."""
+    """One /api/ps item from a LoadedModel.
+
+    ``size_vram`` is the bytes the engine put outside this host's memory (GPUs and RPC
+    workers); ``devices`` (ours, Ollama clients ignore it) says where each part went.
+    """
     info = entry.info
     if entry.expires_at is not None:
         expires = now_wall + max(0.0, entry.expires_at - now_mono)
@@ -775,9 +779,15 @@ def ps_entry(entry: Any, now_wall: float, now_mono: float) -> dict[str, Any]:
         expires = now_wall + 100 * 365 * 86400.0  # "forever", as Ollama shows a far date
     else:
         expires = now_wall + entry.keep_alive  # busy: the clock starts when it is idle
-    return {"name": info.name, "model": info.name, "size": info.size, "digest": info.digest,
-            "details": info.details(), "expires_at": rfc3339_local(expires),
-            "size_vram": 0, "context_length": entry.ctx_size}
+    report = getattr(entry.engine, "report", None)
+    out = {"name": info.name, "model": info.name, "size": info.size, "digest": info.digest,
+           "details": info.details(), "expires_at": rfc3339_local(expires),
+           "size_vram": report.offloaded_bytes() if report else 0,
+           "context_length": entry.ctx_size}
+    if report is not None:
+        out["devices"] = report.devices()
+        out["offload"] = report.offload()
+    return out
 
 
 def ps_body(entries: list[Any], now_wall: float | None = None,

@@ -229,6 +229,12 @@ function renderModels(d) {
       '<span class="mono">port ' + m.port + "</span>" : "stopped"],
     ["GPU memory", (m) => m.gpu_memory_mib == null ? "no GPU" :
       num(m.gpu_memory_mib) + " MiB"],
+    ["Devices", (m) => (m.devices || []).length ? (m.devices || []).map((v) =>
+      '<div class="device" data-device="' + esc(v.endpoint || v.name) + '"><b>' +
+      esc(v.name) + "</b>" + (v.endpoint ? ' <span class="mono">' + esc(v.endpoint) +
+      "</span>" : "") + " weights " + num(v.weights_mib, 1) + " MiB · KV " +
+      num(v.kv_mib, 1) + " MiB · compute " + num(v.compute_mib, 1) + " MiB</div>").join("")
+      : "–"],
   ], d.models, (m) => 'data-model="' + esc(m.name) + '"');
   $("models").innerHTML = (rows || '<div class="empty">No model loaded.</div>') +
     '<div class="meta" style="margin-top:8px">GPU: ' + gpu + " · available: " +

@@ -7,6 +7,7 @@ import time
 from flask import Blueprint, Response, current_app, jsonify
 
 from ..core.errors import NotFound
+from ..core.workers import hello
 from ..metrics import CONTENT_TYPE, GpuSnapshot, ServiceMetrics, gpu_snapshot
 from .handlers import services
 
@@ -34,9 +35,34 @@ def loaded_models_view(gpu: GpuSnapshot | None = None) -> list[dict]:
             "expires_in_s": (None if entry.expires_at is None
                              else round(max(0.0, entry.expires_at - now), 1)),
             "restarts": engine.restarts,
+            "devices": engine.report.devices() if hasattr(engine, "report") else [],
+            "rpc_servers": list(getattr(engine.settings, "rpc_servers", []) or [])
+            if hasattr(engine, "settings") else [],
             "gpu_memory_mib": (None if gpu is None or engine.pid is None
                                else gpu.by_pid.get(engine.pid, 0.0)),
         })
+    return out
+
+
+def rpc_workers_view() -> list[dict]:
+    """Each configured RPC worker: in use by a running engine of ours, or probed now.
+
+    A worker serves one llama-server at a time and queues other connections, so one that a
+    running engine holds is not probed (the probe would only wait in its queue).
+    """
+    manager = services().manager
+    in_use = manager.workers_in_use()
+    out = []
+    for endpoint in manager.rpc_workers():
+        if endpoint in in_use:
+            out.append({"endpoint": endpoint, "reachable": True, "state": "in_use",
+                        "error": None, "in_use_by": in_use[endpoint]})
+            continue
+        status = hello(endpoint, timeout=0.5)
+        out.append({"endpoint": endpoint,
+                    "reachable": status.state in ("ready", "busy"),
+                    "state": status.state, "error": None if status.usable else
+                    status.describe(), "in_use_by": []})
     return out
 
 
@@ -63,6 +89,13 @@ def health() -> Response:
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
         body.update(status="unhealthy", error=str(exc))
         return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+    workers = rpc_workers_view()
+    if workers:
+        body["rpc_workers"] = workers
+        down = [w for w in workers if w["state"] not in ("ready", "in_use")]
+        if down:
+            body["status"] = "degraded"
+            body["error"] = "; ".join(f"RPC worker {w['endpoint']}: {w['error']}" for w in down)
     failed = svc.manager.failed_models()
     if failed:
         body["failed_models"] = failed

@@ -87,11 +87,24 @@ class Overloaded(ServiceError):
     kind = "overloaded"
 
 
+class EngineUnavailable(ServiceError):
+    """Something the engine needs is not there right now (an RPC worker is down); retry later."""
+
+    status = 503
+    kind = "unavailable"
+
+
 class EngineFailed(ServiceError):
     """llama-server could not start, crashed, or answered with an error."""
 
     status = 500
     kind = "engine_failed"
+
+
+class InsufficientMemory(EngineFailed):
+    """The model (with its context) does not fit in the memory the engine can use."""
+
+    kind = "insufficient_memory"
 
 
 class Cancelled(ServiceError):

@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine_report import LoadReport
 from .errors import (
     ContextLengthExceeded,
     EngineFailed,
+    EngineUnavailable,
+    InsufficientMemory,
     InvalidRequest,
     Overloaded,
     ServiceError,
@@ -71,6 +74,9 @@ class EngineSettings:
     batch_size: int = 512
     gpu_layers: int | None = None  # None: llama-server's default
     tensor_split: list[float] | None = None
+    rpc_servers: list[str] = field(default_factory=list)  # llama.cpp RPC workers, host:port
+    main_gpu: int | None = None
+    fit_target_mib: int | None = None  # --fit-target (MiB --fit leaves free per device)
     parallel: int = 4  # slots that decode together (continuous batching)
     embeddings: bool = True  # also serve /v1/embeddings from the same process
     startup_timeout: float = 300.0
@@ -457,6 +463,7 @@ class LLAMAExecutor:
         self.last_exit: int | None = None
         self._retry_at = 0.0
         self._clock: Callable[[], float] = time.monotonic
+        self.report = LoadReport()  # where the model went (devices, buffers, --fit)
 
     # --- state ---------------------------------------------------------------------------
 
@@ -477,16 +484,24 @@ class LLAMAExecutor:
     def command(self, port: int) -> list[str]:
         """The llama-server command line for this model."""
         s = self.settings
+        # -lv 4: the engine then reports each device, its buffers and what --fit chose
+        # (LoadReport reads it); it adds a few lines per request, no per-token output.
         cmd = [str(s.binary), "-m", str(self.model_path), "--host", "127.0.0.1",
                "--port", str(port), "-c", str(self.ctx_size), "--parallel", str(s.parallel),
                "--kv-unified", "--jinja", "--reasoning-format", "none", "--no-webui",
-               "-b", str(s.batch_size), "--metrics"]
+               "-b", str(s.batch_size), "--metrics", "-lv", "4"]
         if s.threads:
             cmd += ["--threads", str(s.threads)]
+        if s.rpc_servers:
+            cmd += ["--rpc", ",".join(s.rpc_servers)]
         if s.gpu_layers is not None:
             cmd += ["-ngl", str(s.gpu_layers)]
         if s.tensor_split:
             cmd += ["--tensor-split", ",".join(f"{x:g}" for x in s.tensor_split)]
+        if s.main_gpu is not None:
+            cmd += ["--main-gpu", str(s.main_gpu)]
+        if s.fit_target_mib is not None:
+            cmd += ["--fit-target", str(s.fit_target_mib)]
         if s.embeddings:
             cmd += ["--embeddings", "--pooling", self.pooling or "mean"]
         if self.projector is not None:
@@ -503,6 +518,8 @@ class LLAMAExecutor:
         for raw in proc.stderr:
             line = raw.decode("utf-8", errors="replace").rstrip()
             self._stderr.append(line)
+            if self._state == EngineState.STARTING:
+                self.report.feed(line)
             if any(word in line.lower() for word in _ERROR_WORDS):
                 self._errors.append(line)
             log.debug("[%s] %s", self.name, line)
@@ -524,6 +541,10 @@ class LLAMAExecutor:
                 if code < 0:
                     log.error("llama-server for %s was killed by %s: %s", self.name,
                               signal_name(code), describe_exit(code))
+            down = self.unusable_workers(timeout=0.5) if self.settings.rpc_servers else []
+            if down:
+                message += (f"; RPC worker {', '.join(down)} went away: the next request "
+                            f"loads the model again once it is back")
         tail = self.stderr_tail()
         return EngineFailed(message + (f"; llama-server said: {tail}" if tail else ""))
 
@@ -569,17 +590,40 @@ class LLAMAExecutor:
         """Seconds until a failed engine may be started again (0: now)."""
         return max(0.0, self._retry_at - self._clock()) if self._retry_at else 0.0
 
+    def unusable_workers(self, timeout: float = 2.0) -> list[str]:
+        """``endpoint: why`` for each configured RPC worker this engine cannot use now."""
+        from .workers import hello
+
+        out = []
+        for endpoint in self.settings.rpc_servers:
+            status = hello(endpoint, timeout=timeout)
+            if not status.usable:
+                out.append(f"{endpoint} ({status.describe()})")
+        return out
+
     def _start_locked(self) -> None:
+        down = self.unusable_workers()
+        if down:
+            # Not a failed start (nothing ran): the pause for crash loops does not apply.
+            self._state = EngineState.FAILED
+            raise EngineUnavailable(
+                f"cannot load {self.name}: RPC worker {', '.join(down)}. Start it (`make "
+                f"rpc-worker` on that host) or free it, or remove it from rpc_servers; the next "
+                f"request loads the model again")
         port = free_port()
         cmd = self.command(port)
         log.info("starting llama-server for %s on port %d (ctx %d): %s", self.name, port,
                  self.ctx_size, " ".join(cmd))
         self._stderr.clear()
         self._errors.clear()
+        self.report = LoadReport()
         self._state = EngineState.STARTING
         try:
+            # GGML_NO_BACKTRACE: an abort (a lost RPC worker, say) exits at once with its
+            # message instead of attaching gdb for a backtrace first.
             proc = self._popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+                               stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "GGML_NO_BACKTRACE": "1"})
         except OSError as exc:
             self._state = EngineState.FAILED
             raise EngineFailed(f"cannot run llama-server {self.settings.binary}: {exc}") from exc
@@ -602,6 +646,8 @@ class LLAMAExecutor:
                 if code < 0:
                     log.error("llama-server for %s was killed by %s while loading: %s",
                               self.name, signal_name(code), describe_exit(code))
+                if self.report.memory_error:
+                    raise InsufficientMemory(self._memory_message())
                 raise EngineFailed(f"llama-server for {self.name} {describe_exit(code)} "
                                    f"(while loading the model); llama-server said: "
                                    f"{self.stderr_tail() or 'nothing'}")
@@ -617,8 +663,31 @@ class LLAMAExecutor:
             delay = min(delay * 1.5, 0.25)
         self.started_at = time.time()
         self._state = EngineState.READY
+        offload = self.report.offload()
+        log.info("%s loaded: %s layers of %s offloaded, context %s; devices: %s%s", self.name,
+                 offload["layers"], offload["layers_total"], offload["context_length"],
+                 "; ".join(f"{d['name']}{'[' + d['endpoint'] + ']' if d['endpoint'] else ''} "
+                           f"weights {d['weights_mib']} MiB, KV {d['kv_mib']} MiB, compute "
+                           f"{d['compute_mib']} MiB" for d in self.report.devices()) or "-",
+                 f"; --fit: {offload['fit_layers']}" if offload["fit_layers"] else "")
         self.prompt_opens_think = self._detect_open_think()
         log.info("llama-server for %s ready (pid %d, port %d)", self.name, proc.pid, port)
+
+    def _memory_message(self) -> str:
+        """Ollama's words for a model that does not fit, with what the engine could not get."""
+        from ..utils.system import available_memory_bytes
+
+        need = self.report.memory_error or "more"
+        free_dev = [d for d in self.report.devices_by_key.values()
+                    if d.free_mib is not None and not d.is_host]
+        avail = available_memory_bytes() / 2**30
+        where = ("; free on the devices: " + ", ".join(
+            f"{d.endpoint or d.name} {d.free_mib / 1024:.1f} GiB" for d in free_dev)
+            if free_dev else "")
+        return (f"model requires more system memory ({need} more for {self.name} with a "
+                f"context of {self.ctx_size}) than is available ({avail:.1f} GiB{where}). Use "
+                f"a smaller context (num_ctx / default_context_size), fewer parallel slots, "
+                f"or spread the model over more devices (rpc_servers, tensor_split)")
 
     def _health(self, port: int) -> int | None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..core.errors import EngineFailed, InvalidRequest, ModelNotFound, Overloaded
+from ..core.errors import (
+    EngineFailed,
+    EngineUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+)
 from ..core.executor import EngineSettings, LLAMAExecutor
 from .gguf_meta import quantization_name, read_header
 from .schemas import ModelInfo
@@ -85,22 +91,36 @@ class ModelManager:
 
     # --- engines -------------------------------------------------------------------------
 
-    def engine_settings(self) -> EngineSettings:
-        """EngineSettings from the configuration (the binary resolved once)."""
+    def engine_settings(self, model: str | None = None) -> EngineSettings:
+        """EngineSettings from the configuration (the binary resolved once), with the
+        ``model_settings`` overrides of ``model`` applied."""
         if self._engine_binary is None:
             from ..provision.engine import resolve_binary
 
             self._engine_binary = resolve_binary(self.config.llama_cpp_path)
         c = self.config
+        over = c.engine_overrides(model) if model else {}
         return EngineSettings(binary=self._engine_binary, threads=c.threads,
-                              batch_size=c.batch_size, gpu_layers=c.gpu_layers,
-                              tensor_split=c.tensor_split, parallel=c.parallel,
-                              embeddings=c.embeddings, startup_timeout=c.startup_timeout,
+                              batch_size=c.batch_size,
+                              gpu_layers=over.get("gpu_layers", c.gpu_layers),
+                              tensor_split=over.get("tensor_split", c.tensor_split),
+                              rpc_servers=list(over.get("rpc_servers", c.rpc_servers)),
+                              main_gpu=over.get("main_gpu", c.main_gpu),
+                              fit_target_mib=over.get("fit_target_mib", c.fit_target_mib),
+                              parallel=c.parallel, embeddings=c.embeddings,
+                              startup_timeout=c.startup_timeout,
                               request_timeout=c.request_timeout)
 
     def _default_factory(self, info: ModelInfo, ctx_size: int) -> LLAMAExecutor:
-        return LLAMAExecutor(info.path, self.engine_settings(), ctx_size, name=info.name,
-                             pooling=info.pooling, projector=info.projector)
+        return LLAMAExecutor(info.path, self.engine_settings(info.name), ctx_size,
+                             name=info.name, pooling=info.pooling, projector=info.projector)
+
+    def rpc_workers(self) -> list[str]:
+        """Every RPC worker the configuration names (globally or for some model)."""
+        names = list(self.config.rpc_servers)
+        for settings in self.config.model_settings.values():
+            names += settings.get("rpc_servers") or []
+        return list(dict.fromkeys(names))
 
     # --- discovery -----------------------------------------------------------------------
 
@@ -288,6 +308,7 @@ class ModelManager:
                                      f"({self.config.max_loaded_models}) is reached")
                 self._lock.wait(timeout=0.5)
             if entry is None:
+                to_stop += self._free_workers_locked(info, deadline)
                 ctx = self.context_for(info, num_ctx)
                 now = self.clock()
                 entry = LoadedModel(info=info, engine=self._factory(info, ctx), loaded_at=now,
@@ -328,6 +349,45 @@ class ModelManager:
                         "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec["at"])),
                         "failed_starts": getattr(engine, "failed_starts", 1),
                         "retry_in_s": round(getattr(engine, "retry_in", lambda: 0.0)(), 1)})
+        return out
+
+    def _free_workers_locked(self, info: ModelInfo, deadline: float) -> list[LLAMAExecutor]:
+        """Engines to stop so that ``info`` can use its RPC workers (a ggml-rpc-server serves
+        one llama-server at a time): idle models on the same workers are unloaded; busy ones
+        are waited for until ``deadline``, then EngineUnavailable names them."""
+        wanted = set(self.engine_settings(info.name).rpc_servers)
+        stopped: list[LLAMAExecutor] = []
+        while wanted:
+            conflicts = [e for name, e in self._loaded.items() if name != info.name and
+                         wanted & set(getattr(e.engine, "settings", None) and
+                                      e.engine.settings.rpc_servers or [])]
+            for entry in [e for e in conflicts if e.in_flight == 0]:
+                log.info("unloading %s: its RPC workers are needed by %s", entry.info.name,
+                         info.name)
+                stopped.append(self._loaded.pop(entry.info.name).engine)
+            busy = [e for e in conflicts if e.in_flight > 0]
+            if not busy:
+                break
+            if self.clock() > deadline:
+                shared = sorted(wanted & {w for e in busy for w in e.engine.settings.rpc_servers})
+                raise EngineUnavailable(
+                    f"RPC worker {', '.join(shared)} is serving {busy[0].info.name}, which is "
+                    f"busy; a worker serves one model at a time. Retry later, or give the "
+                    f"models separate workers (model_settings)")
+            self._lock.wait(timeout=0.5)
+        return stopped
+
+    def workers_in_use(self) -> dict[str, list[str]]:
+        """RPC worker → the loaded models whose running engine holds it."""
+        out: dict[str, list[str]] = {}
+        with self._lock:
+            entries = list(self._loaded.values())
+        for entry in entries:
+            engine = entry.engine
+            if getattr(engine, "pid", None) is None:
+                continue
+            for worker in getattr(getattr(engine, "settings", None), "rpc_servers", []) or []:
+                out.setdefault(worker, []).append(entry.info.name)
         return out
 
     def release(self, name: str, keep_alive: float | None = None) -> None:
