@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 
 _ERROR_WORDS = ("error", "failed", "fatal", "abort", "cannot", "unable", "invalid", "exception",
                 "terminate", "out of memory", "what()")
+
+
+# llama-server's log prefix (uptime and level, "0.07.010.775 I "): dropped in error messages.
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")
 
 
 class EngineState(enum.StrEnum):
@@ -511,7 +516,7 @@ class LLAMAExecutor:
     def stderr_tail(self, n: int = 8) -> str:
         """The last error-looking lines of llama-server's stderr (or its last lines)."""
         lines = list(self._errors)[-n:] or list(self._stderr)[-n:]
-        return " | ".join(line.strip() for line in lines)
+        return " | ".join(_LOG_PREFIX.sub("", line).strip() for line in lines)
 
     def _read_stderr(self, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None
