@@ -9,7 +9,6 @@ Requests: ``openai_chat_to_internal``, ``openai_completion_to_internal``,
 from __future__ import annotations
 
 import base64
-import json
 import math
 import struct
 import time
@@ -30,7 +29,6 @@ from ..core.schemas import (
     Event,
     Finish,
     InternalRequest,
-    Message,
     ReasoningDelta,
     TextDelta,
     TokenInfo,
@@ -39,74 +37,12 @@ from ..core.schemas import (
     ToolCallDelta,
 )
 from .fields import get_bool, get_number, get_stop, require_model  # noqa: F401 (re-exported)
+from .openai_fields import common_sampling, parse_messages
+from .vllm import apply_vllm_extras
 
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
                   "tool_calls": "tool_calls"}
 FINGERPRINT = "fp_ollama_server"
-
-
-def _content_text(content: Any, images: list[str], where: str) -> str:
-    """Text of an OpenAI content field (string or parts); image parts go to ``images``."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}.content must be a string or a list of parts",
-                             param="messages")
-    texts = []
-    for part in content:
-        if not isinstance(part, dict):
-            raise InvalidRequest(f"{where}.content parts must be objects", param="messages")
-        kind = part.get("type")
-        if kind in ("text", "input_text"):
-            texts.append(str(part.get("text", "")))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url.startswith("data:"):
-                raise InvalidRequest("only data: URLs are accepted for images (this service "
-                                     "has no internet access)", param="messages")
-            images.append(url)
-        else:
-            raise InvalidRequest(f"unsupported content part type {kind!r}", param="messages")
-    return "\n".join(texts)
-
-
-def _parse_messages(raw: Any) -> list[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"{where} must be an object", param="messages")
-        role = m.get("role")
-        if role == "developer":
-            role = "system"
-        if role == "function":
-            role = "tool"
-        if role not in ("system", "user", "assistant", "tool"):
-            raise InvalidRequest(f"{where}.role must be one of system, developer, user, "
-                                 f"assistant, tool; got {role!r}", param="messages")
-        images: list[str] = []
-        msg = Message(role=role, content=_content_text(m.get("content"), images, where),
-                      images=images)
-        for j, tc in enumerate(m.get("tool_calls") or []):
-            fn = tc.get("function") or {} if isinstance(tc, dict) else {}
-            args = fn.get("arguments", "{}")
-            if not isinstance(args, str):
-                args = json.dumps(args)
-            msg.tool_calls.append(ToolCall(id=str(tc.get("id") or f"call_{i}_{j}"),
-                                           name=str(fn.get("name", "")), arguments=args))
-        if role == "tool":
-            msg.tool_call_id = m.get("tool_call_id")
-            msg.name = m.get("name")
-        reasoning = m.get("reasoning_content") or m.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            msg.reasoning = reasoning
-        out.append(msg)
-    return out
 
 
 def _parse_tools(body: dict[str, Any]) -> list[Tool]:
@@ -168,41 +104,6 @@ def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
                              f"json_schema; got {kind!r}", param="response_format")
 
 
-def _common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
-    req.temperature = get_number(body, "temperature", 0, 2)
-    req.top_p = get_number(body, "top_p", 0, 1)
-    req.presence_penalty = get_number(body, "presence_penalty", -2, 2)
-    req.frequency_penalty = get_number(body, "frequency_penalty", -2, 2)
-    req.seed = get_number(body, "seed", integer=True)
-    req.stop = get_stop(body)
-    req.stream = get_bool(body, "stream")
-    n = get_number(body, "n", 1, integer=True)
-    if n not in (None, 1):
-        raise InvalidRequest("only n=1 is supported", param="n")
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise InvalidRequest("'logit_bias' must be an object of token id → bias",
-                                 param="logit_bias")
-        try:
-            req.logit_bias = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError):
-            raise InvalidRequest("'logit_bias' keys must be token ids and values numbers",
-                                 param="logit_bias") from None
-    # Common extensions (llama.cpp, vLLM, Ollama's compat layer) accepted on every route.
-    req.top_k = get_number(body, "top_k", integer=True)
-    if req.top_k is not None and req.top_k < 0:
-        req.top_k = 0
-    req.min_p = get_number(body, "min_p", 0, 1)
-    rep = get_number(body, "repetition_penalty", 0)
-    if rep is None:
-        rep = get_number(body, "repeat_penalty", 0)
-    req.repeat_penalty = rep
-    req.ignore_eos = get_bool(body, "ignore_eos")
-    if isinstance(body.get("keep_alive"), (int, float)):
-        req.keep_alive = float(body["keep_alive"])
-
-
 def include_usage(body: dict[str, Any]) -> bool:
     """True when the client asked for a usage chunk at the end of the stream."""
     options = body.get("stream_options")
@@ -216,8 +117,8 @@ def include_usage(body: dict[str, Any]) -> bool:
 def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> InternalRequest:
     """A chat completions body → InternalRequest (InvalidRequest on a bad field)."""
     req = InternalRequest(model=require_model(body), dialect=dialect,
-                          messages=_parse_messages(body.get("messages")))
-    _common_sampling(body, req)
+                          messages=parse_messages(body.get("messages")))
+    common_sampling(body, req)
     max_tokens = get_number(body, "max_completion_tokens", 1, integer=True)
     if max_tokens is None:
         max_tokens = get_number(body, "max_tokens", 1, integer=True)
@@ -245,8 +146,6 @@ def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> In
         req.chat_template_kwargs = dict(kwargs)
         if isinstance(kwargs.get("enable_thinking"), bool):
             req.reasoning = kwargs["enable_thinking"]
-    from .vllm import apply_vllm_extras  # vLLM's extra fields (here: import cycle)
-
     apply_vllm_extras(body, req)
     return req
 
@@ -267,7 +166,7 @@ def openai_completion_to_internal(body: dict[str, Any], dialect: str = "openai"
         raise InvalidRequest("'prompt' is required and must be a string or token ids",
                              param="prompt")
     req = InternalRequest(model=require_model(body), dialect=dialect, prompt=prompt, raw=True)
-    _common_sampling(body, req)
+    common_sampling(body, req)
     max_tokens = get_number(body, "max_tokens", 0, integer=True)
     req.max_tokens = 16 if max_tokens is None else max_tokens
     logprobs = get_number(body, "logprobs", 0, 20, integer=True)
@@ -284,8 +183,6 @@ def openai_completion_to_internal(body: dict[str, Any], dialect: str = "openai"
         if suffix:
             req.suffix = suffix
     _response_format(body, req)
-    from .vllm import apply_vllm_extras  # vLLM's extra fields (here: import cycle)
-
     apply_vllm_extras(body, req)
     return req
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.schemas import Event, InternalRequest, ReasoningDelta, TextDelta
-from .fields import get_bool
+from .fields import get_bool, get_number
+from .openai_fields import common_sampling, parse_messages
 
 log = logging.getLogger(__name__)
 
@@ -398,15 +399,13 @@ class TokenizeRequest:
 
 def vllm_tokenize_request(body: dict[str, Any], default_model: str) -> TokenizeRequest:
     """A ``/tokenize`` body (``prompt`` or ``messages``) → TokenizeRequest."""
-    from .openai import _parse_messages  # the OpenAI message parser, reused as vLLM does
-
     model = body.get("model") or default_model
     if not isinstance(model, str):
         raise InvalidRequest("'model' must be a string", param="model")
     strs = get_bool(body, "return_token_strs", False)
     if "messages" in body:
         chat = InternalRequest(model=model, dialect="vllm",
-                               messages=_parse_messages(body.get("messages")))
+                               messages=parse_messages(body.get("messages")))
         chat.add_generation_prompt = get_bool(body, "add_generation_prompt", True)
         chat.continue_final_message = get_bool(body, "continue_final_message", False)
         if chat.add_generation_prompt and chat.continue_final_message:
@@ -450,14 +449,11 @@ def vllm_detokenize_tokens(body: dict[str, Any]) -> list[int]:
 def vllm_generate_to_internal(body: dict[str, Any], model: str) -> InternalRequest:
     """The legacy demo server's ``/generate`` body (``prompt``, ``stream``, sampling) →
     InternalRequest (raw prompt). vLLM's SamplingParams defaults: 16 new tokens."""
-    from .fields import get_number
-    from .openai import _common_sampling
-
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise InvalidRequest("'prompt' is required and must be a string", param="prompt")
     req = InternalRequest(model=model, dialect="vllm", prompt=prompt, raw=True)
-    _common_sampling(body, req)
+    common_sampling(body, req)
     max_tokens = get_number(body, "max_tokens", 1, integer=True)
     req.max_tokens = 16 if max_tokens is None else max_tokens
     apply_vllm_extras(body, req)
