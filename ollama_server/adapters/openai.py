@@ -35,6 +35,7 @@ from ..core.schemas import (
     Tool,
     ToolCall,
     ToolCallDelta,
+    Usage,
 )
 from .fields import get_bool, get_number, get_stop, require_model  # noqa: F401 (re-exported)
 from .openai_fields import common_sampling, parse_messages
@@ -257,6 +258,18 @@ def usage_dict(finish: Finish | None) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
+def choices_usage(finishes: list[Finish | None]) -> dict[str, Any]:
+    """OpenAI usage of all choices: the prompt once, generated tokens summed."""
+    done = [f for f in finishes if f is not None]
+    if len(finishes) == 1 or not done:
+        return usage_dict(finishes[0] if finishes else None)
+    return usage_dict(Finish("stop", Usage.of_choices([f.usage for f in done])))
+
+
+def _as_list(results: Any) -> list[Any]:
+    return list(results) if isinstance(results, list) else [results]
+
+
 def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any] | None:
     if not tokens:
         return None
@@ -272,72 +285,107 @@ def tool_call_dicts(calls: list[ToolCall]) -> list[dict[str, Any]]:
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
-def internal_to_openai_chat(result: Any, model: str, logprobs: bool = False,
+def internal_to_openai_chat(results: Any, model: str, logprobs: bool = False,
                             completion_id: str | None = None) -> dict[str, Any]:
-    """A non-streamed chat completion from a collected Result."""
-    finish = result.finish
-    message: dict[str, Any] = {"role": "assistant",
-                               "content": result.text if result.text or not result.tool_calls
-                               else None}
-    if result.reasoning:
-        message["reasoning_content"] = result.reasoning
-        message["reasoning"] = result.reasoning
-    if result.tool_calls:
-        message["tool_calls"] = tool_call_dicts(result.tool_calls)
+    """A non-streamed chat completion from a collected Result (or one per choice)."""
+    choices = []
+    for index, result in enumerate(_as_list(results)):
+        finish = result.finish
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": result.text if result.text or not result.tool_calls
+                                   else None}
+        if result.reasoning:
+            message["reasoning_content"] = result.reasoning
+            message["reasoning"] = result.reasoning
+        if result.tool_calls:
+            message["tool_calls"] = tool_call_dicts(result.tool_calls)
+        choices.append({"index": index, "message": message,
+                        "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
+                        "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
+                                                            "stop"),
+                        "stop_reason": stop_reason(finish)})
     return {
         "id": completion_id or new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
-                     "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                         "stop"),
-                     "stop_reason": stop_reason(finish)}],
-        "usage": usage_dict(finish),
+        "choices": choices,
+        "usage": choices_usage([r.finish for r in _as_list(results)]),
     }
 
 
-class OpenAIChatStream:
-    """Internal events → ``chat.completion.chunk`` dicts, with the stream's state."""
+class _ChoicesStream:
+    """What the chat and text-completion streams share: the chunk envelope, and the usage
+    chunk once every one of the ``n`` choices has finished (as OpenAI streams ``n`` > 1: each
+    chunk carries one choice, by its ``index``, interleaved as they are generated)."""
 
-    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
-                 completion_id: str | None = None) -> None:
-        self.id = completion_id or new_id("chatcmpl")
+    object = ""
+
+    def __init__(self, prefix: str, model: str, include_usage: bool, logprobs: bool,
+                 n: int, completion_id: str | None = None) -> None:
+        self.id = completion_id or new_id(prefix)
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
         self.logprobs = logprobs
-        self._started = False
+        self.n = n
+        self._finishes: dict[int, Finish] = {}
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
-               logprobs: Any = None) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model, "system_fingerprint": FINGERPRINT,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": finish_reason}]}
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": self.object, "created": self.created,
+                 "model": self.model, "system_fingerprint": FINGERPRINT, "choices": choices}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
 
+    def _finished(self, event: Finish, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The finish chunk of one choice, then the usage chunk after the last choice."""
+        chunk["choices"][0]["stop_reason"] = stop_reason(event)
+        out = [chunk]
+        self._finishes[event.choice] = event
+        if self.include_usage and len(self._finishes) == self.n:
+            usage = self._envelope([])
+            usage["usage"] = choices_usage([self._finishes[i] for i in sorted(self._finishes)])
+            out.append(usage)
+        return out
+
+
+class OpenAIChatStream(_ChoicesStream):
+    """Internal events → ``chat.completion.chunk`` dicts, with the stream's state."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
+                 completion_id: str | None = None, n: int = 1) -> None:
+        super().__init__("chatcmpl", model, include_usage, logprobs, n, completion_id)
+        self._started = False
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Any = None, index: int = 0) -> dict[str, Any]:
+        return self._envelope([{"index": index, "delta": delta, "logprobs": logprobs,
+                                "finish_reason": finish_reason}])
+
     def start(self) -> list[dict[str, Any]]:
-        """The first chunk (role), sent once."""
+        """The first chunk of each choice (its role), sent once before any content."""
         if self._started:
             return []
         self._started = True
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": ""}, index=i)
+                for i in range(self.n)]
 
     def process(self, event: Event) -> list[dict[str, Any]]:
         """Chunks for one internal event."""
         out = self.start()
+        index = event.choice
         if isinstance(event, TextDelta):
             logprobs = _chat_logprobs(event.tokens) if self.logprobs else None
             if event.text or logprobs:
-                out.append(self._chunk({"content": event.text}, logprobs=logprobs))
+                out.append(self._chunk({"content": event.text}, logprobs=logprobs,
+                                       index=index))
         elif isinstance(event, ReasoningDelta):
             out.append(self._chunk({"reasoning_content": event.text,
-                                    "reasoning": event.text}))
+                                    "reasoning": event.text}, index=index))
         elif isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.index,
                                     "function": {"arguments": event.arguments}}
@@ -345,16 +393,10 @@ class OpenAIChatStream:
                 call["id"] = event.id or new_id("call")
                 call["type"] = "function"
                 call["function"]["name"] = event.name
-            out.append(self._chunk({"tool_calls": [call]}))
+            out.append(self._chunk({"tool_calls": [call]}, index=index))
         elif isinstance(event, Finish):
-            chunk = self._chunk({}, FINISH_REASONS.get(event.reason, "stop"))
-            chunk["choices"][0]["stop_reason"] = stop_reason(event)
-            out.append(chunk)
-            if self.include_usage:
-                out.append({"id": self.id, "object": "chat.completion.chunk",
-                            "created": self.created, "model": self.model,
-                            "system_fingerprint": FINGERPRINT, "choices": [],
-                            "usage": usage_dict(event)})
+            out += self._finished(event, self._chunk(
+                {}, FINISH_REASONS.get(event.reason, "stop"), index=index))
         return out
 
 
@@ -372,72 +414,64 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int = 0) -> dict[str, 
             "text_offset": text_offset}
 
 
-def internal_to_openai_completion(result: Any, model: str, echo_prompt: str | None = None,
+def internal_to_openai_completion(results: Any, model: str, echo_prompt: str | None = None,
                                   logprobs: bool = False) -> dict[str, Any]:
-    """A non-streamed text completion from a collected Result."""
-    finish = result.finish
-    text = (echo_prompt or "") + result.text
+    """A non-streamed text completion from a collected Result (or one per choice)."""
+    choices = []
+    for index, result in enumerate(_as_list(results)):
+        finish = result.finish
+        choices.append({
+            "text": (echo_prompt or "") + result.text, "index": index,
+            "logprobs": (_completion_logprobs(result.tokens, len(echo_prompt or ""))
+                         if logprobs else None),
+            "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop", "stop"),
+            "stop_reason": stop_reason(finish)})
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"text": text, "index": 0,
-                     "logprobs": (_completion_logprobs(result.tokens, len(echo_prompt or ""))
-                                  if logprobs else None),
-                     "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                         "stop"),
-                     "stop_reason": stop_reason(finish)}],
-        "usage": usage_dict(finish),
+        "choices": choices,
+        "usage": choices_usage([r.finish for r in _as_list(results)]),
     }
 
 
-class OpenAICompletionStream:
+class OpenAICompletionStream(_ChoicesStream):
     """Internal events → ``text_completion`` stream chunks."""
 
+    object = "text_completion"
+
     def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
-                 echo_prompt: str | None = None) -> None:
-        self.id = new_id("cmpl")
-        self.model = model
-        self.created = int(time.time())
-        self.include_usage = include_usage
-        self.logprobs = logprobs
+                 echo_prompt: str | None = None, n: int = 1) -> None:
+        super().__init__("cmpl", model, include_usage, logprobs, n)
         self._echo = echo_prompt
-        self._offset = len(echo_prompt or "")
+        self._echoed: set[int] = set()
+        self._offsets = dict.fromkeys(range(n), len(echo_prompt or ""))
 
     def _chunk(self, text: str, finish_reason: str | None = None,
-               logprobs: Any = None) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "text_completion", "created": self.created,
-                 "model": self.model, "system_fingerprint": FINGERPRINT,
-                 "choices": [{"text": text, "index": 0, "logprobs": logprobs,
-                              "finish_reason": finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
+               logprobs: Any = None, index: int = 0) -> dict[str, Any]:
+        return self._envelope([{"text": text, "index": index, "logprobs": logprobs,
+                                "finish_reason": finish_reason}])
 
     def process(self, event: Event) -> list[dict[str, Any]]:
         """Chunks for one internal event."""
         out = []
-        if self._echo:
-            out.append(self._chunk(self._echo))
-            self._echo = None
+        index = event.choice
+        if self._echo and index not in self._echoed:
+            out.append(self._chunk(self._echo, index=index))
+            self._echoed.add(index)
         if isinstance(event, TextDelta):
-            lp = _completion_logprobs(event.tokens, self._offset) if self.logprobs else None
-            self._offset += len(event.text)
+            lp = _completion_logprobs(event.tokens, self._offsets.get(index, 0)) \
+                if self.logprobs else None
+            self._offsets[index] = self._offsets.get(index, 0) + len(event.text)
             if event.text or lp:
-                out.append(self._chunk(event.text, logprobs=lp))
+                out.append(self._chunk(event.text, logprobs=lp, index=index))
         elif isinstance(event, ReasoningDelta):
-            out.append(self._chunk(event.text))
+            out.append(self._chunk(event.text, index=index))
         elif isinstance(event, Finish):
-            chunk = self._chunk("", FINISH_REASONS.get(event.reason, "stop"))
-            chunk["choices"][0]["stop_reason"] = stop_reason(event)
-            out.append(chunk)
-            if self.include_usage:
-                out.append({"id": self.id, "object": "text_completion",
-                            "created": self.created, "model": self.model,
-                            "system_fingerprint": FINGERPRINT, "choices": [],
-                            "usage": usage_dict(event)})
+            out += self._finished(event, self._chunk(
+                "", FINISH_REASONS.get(event.reason, "stop"), index=index))
         return out
 
 
@@ -453,7 +487,7 @@ def model_card(info: Any) -> dict[str, Any]:
 
 def openai_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
     """``{"error": {message, type, param, code}}`` and the status for ``exc``."""
-    code: Any = None
+    code: Any = getattr(exc, "code", None)  # set where OpenAI names the check (n's bounds)
     kind = "invalid_request_error"
     message = exc.message
     if isinstance(exc, ModelNotFound):

@@ -77,6 +77,22 @@ def parse_messages(raw: Any) -> list[Message]:
     return out
 
 
+def get_n(body: dict[str, Any]) -> int:
+    """``n`` (1 when absent), bounded as OpenAI bounds it and refused in its words."""
+    n = get_number(body, "n", integer=True)
+    if n is None:
+        return 1
+    if n < 1 or n > MAX_N:
+        below = n < 1
+        exc = InvalidRequest(
+            f"Invalid 'n': integer {'below minimum' if below else 'above maximum'} value. "
+            f"Expected a value {'>= 1' if below else f'<= {MAX_N}'}, but got {n} instead.",
+            param="n")
+        exc.code = "integer_below_min_value" if below else "integer_above_max_value"
+        raise exc
+    return n
+
+
 def common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
     req.temperature = get_number(body, "temperature", 0, 2)
     req.top_p = get_number(body, "top_p", 0, 1)
@@ -85,9 +101,7 @@ def common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
     req.seed = get_number(body, "seed", integer=True)
     req.stop = get_stop(body)
     req.stream = get_bool(body, "stream")
-    n = get_number(body, "n", 1, integer=True)
-    if n not in (None, 1):
-        raise InvalidRequest("only n=1 is supported", param="n")
+    req.n = get_n(body)
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
+from ..core.min_tokens import check_min_tokens
 from ..core.schemas import Event, InternalRequest, ReasoningDelta, TextDelta
 from .fields import get_bool, get_number
 from .openai_fields import common_sampling, parse_messages
@@ -340,10 +341,7 @@ def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
         if req.max_tokens is not None and min_tokens > req.max_tokens:
             raise InvalidRequest(f"min_tokens must be less than or equal to max_tokens="
                                  f"{req.max_tokens}, got {min_tokens}.", param="min_tokens")
-        # llama-server cannot hold back end-of-sequence for the first N tokens.
-        raise Unsupported("'min_tokens' > 0 is not supported by this engine (llama.cpp has no "
-                          "minimum length); use ignore_eos with max_tokens instead",
-                          param="min_tokens")
+        req.min_tokens = min_tokens
     ids = body.get("stop_token_ids")
     if ids is not None:
         if not isinstance(ids, list) or not all(
@@ -369,6 +367,7 @@ def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
     if body.get("include_reasoning") is False:
         req.reasoning = False
     apply_guided(body, req)
+    check_min_tokens(req)
     unknown = [k for k in _IGNORED if k in body]
     if unknown:
         log.debug("vLLM fields accepted and ignored: %s", ", ".join(unknown))
@@ -461,14 +460,15 @@ def vllm_generate_to_internal(body: dict[str, Any], model: str) -> InternalReque
 
 
 class VLLMGenerateStream:
-    """Internal events → the legacy ``/generate`` stream: one JSON per line, cumulative."""
+    """Internal events → the legacy ``/generate`` stream: one JSON per line holding the whole
+    text so far of every choice (``n`` of them), as vLLM's demo server streams."""
 
-    def __init__(self, prompt: str) -> None:
-        self.text = prompt
+    def __init__(self, prompt: str, n: int = 1) -> None:
+        self.texts = [prompt] * n
 
     def process(self, event: Event) -> list[dict[str, Any]]:
-        """Objects for one internal event (the whole text so far, once per new text)."""
+        """Objects for one internal event (once per new text)."""
         if not isinstance(event, (TextDelta, ReasoningDelta)) or not event.text:
             return []
-        self.text += event.text
-        return [{"text": [self.text]}]
+        self.texts[event.choice] += event.text
+        return [{"text": list(self.texts)}]
