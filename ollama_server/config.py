@@ -72,7 +72,7 @@ class Config:
     # Credentials per registry ("host[:port]" -> "user:password"), for its token service or
     # its basic authentication.
     registry_auth: dict[str, str] = field(default_factory=dict)
-    registry_concurrency: int = 4  # layers downloaded at once by one pull
+    registry_concurrency: int = 4  # blobs one pull (or push) transfers at once
     registry_timeout: float = 60.0  # seconds a registry may stay silent before a retry
 
     # --- derived paths -------------------------------------------------------------------
