@@ -10,14 +10,14 @@ HOST   ?= 127.0.0.1
 PORT   ?= 11435
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv engine engine-rebuild engine-portable models browser run test test-fast \
-        lint bench bench-split clean rpc-worker
+.PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
+        test-fast lint bench bench-split clean rpc-worker
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
 	@echo "make test   - set everything up and run the whole test suite"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
-	@echo "make lint | bench | bench-split"
+	@echo "make registry | lint | bench | bench-split"
 	@echo "make clean"
 
 venv: $(STAMP)
@@ -68,6 +68,24 @@ RPC_PORT ?= 50052
 rpc-worker: venv engine
 	$(VPY) -m ollama_server.provision.rpc_worker --host $(RPC_HOST) --port $(RPC_PORT)
 
+# Debian's docker-registry (the CNCF distribution registry v2) and openssl, for the pull/push
+# tests: they start their own registry on loopback. The package's system service is stopped
+# and disabled right after it is installed here. As root or through sudo, never interactive.
+registry:
+	@test -x /usr/bin/docker-registry && command -v openssl >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { \
+	    echo "make registry needs apt-get (Debian/Ubuntu) to install docker-registry" >&2; \
+	    exit 1; }; \
+	  echo "installing Debian's docker-registry and openssl for the pull/push tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600"; \
+	  $$APT update -qq && \
+	  $$APT install -y -qq -o Dpkg::Options::=--force-confdef \
+	    -o Dpkg::Options::=--force-confold docker-registry openssl >/dev/null && \
+	  { ! command -v systemctl >/dev/null 2>&1 || \
+	    $$SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true; } && \
+	  test -x /usr/bin/docker-registry; }
+
 setup: venv engine models
 
 run: setup
@@ -76,7 +94,7 @@ run: setup
 lint: venv
 	$(VPY) -m ruff check .
 
-test: setup browser lint
+test: setup browser registry lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Unit and Flask-client layers only (no engine): seconds.

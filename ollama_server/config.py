@@ -74,6 +74,18 @@ class Config:
     # {"big-model:70b": {"rpc_servers": [...], "tensor_split": "1,1,2"}}.
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    # --- Issue 15: pulling and pushing models (OCI distribution registries) ----------------
+    # Where names without a registry host ("llama3.2", "ns/model") are pulled from and pushed
+    # to; they keep their short name in the store. A private registry: "registry.corp:5000".
+    registry: str = "registry.ollama.ai"
+    # Registries reached over plain HTTP even when a request does not say "insecure": true.
+    registry_insecure: list[str] = field(default_factory=list)
+    # Credentials per registry ("host[:port]" -> "user:password"), for its token service or
+    # its basic authentication.
+    registry_auth: dict[str, str] = field(default_factory=dict)
+    registry_concurrency: int = 4  # blobs one pull (or push) transfers at once
+    registry_timeout: float = 60.0  # seconds a registry may stay silent before a retry
+
     # --- derived paths -------------------------------------------------------------------
 
     @property
@@ -89,20 +101,24 @@ class Config:
     def validate(self) -> "Config":
         """Check every value; raise ConfigError naming the first bad key."""
         for key in ("default_context_size", "batch_size", "parallel", "max_loaded_models",
-                    "port", "threads_http"):
+                    "port", "threads_http", "registry_concurrency"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         if self.threads < 0:
             raise ConfigError(f"threads must be 0 (auto) or positive, got {self.threads}")
-        for key in ("request_timeout", "startup_timeout", "max_body_mb"):
+        for key in ("request_timeout", "startup_timeout", "max_body_mb", "registry_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, "
                               f"got {self.log_level!r}")
         self.log_level = "DEBUG" if self.debug else self.log_level.upper()
+        if not self.registry or "/" in self.registry:
+            raise ConfigError(f"registry must be a host[:port] such as 'registry.corp:5000' "
+                              f"(no scheme: list plain-HTTP registries in registry_insecure), "
+                              f"got {self.registry!r}")
         _check_split_settings(self.__dict__, self.allow_public_rpc, "")
         checked: dict[str, dict[str, Any]] = {}
         for model, settings in self.model_settings.items():
@@ -197,10 +213,18 @@ def _coerce(key: str, value: Any, prefix: str = "") -> Any:
             if not isinstance(value, dict):
                 raise ValueError("expected a mapping of model name to settings")
             return {str(k): v for k, v in value.items()}
-        if key in ("cors_origins", "rpc_servers"):
+        if key in ("cors_origins", "rpc_servers", "registry_insecure"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]
+        if key == "registry_auth":  # a mapping, or "host=user:password,host2=user:password"
+            if isinstance(value, str):
+                value = dict(item.strip().split("=", 1) for item in value.split(",")
+                             if item.strip())
+            if not isinstance(value, dict) or not all(
+                    isinstance(v, str) and ":" in v for v in value.values()):
+                raise ValueError("expected a mapping of registry host to 'user:password'")
+            return {str(k).strip(): v for k, v in value.items()}
         if kind.startswith("bool"):
             if isinstance(value, bool):
                 return value

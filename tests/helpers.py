@@ -3,6 +3,7 @@ real service as a subprocess."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -92,7 +93,7 @@ class FakeStream:
         for i, event in enumerate(self.script.events):
             if self.script.fail_after is not None and i >= self.script.fail_after:
                 raise self.script.mid_error or ServiceError("engine crashed")
-            yield event
+            yield copy.deepcopy(event)  # each stream its own objects, as from the engine
 
     def close(self) -> None:
         self.closed = True

@@ -779,7 +779,7 @@ def ps_entry(entry: Any, now_wall: float, now_mono: float) -> dict[str, Any]:
         expires = now_wall + 100 * 365 * 86400.0  # "forever", as Ollama shows a far date
     else:
         expires = now_wall + entry.keep_alive  # busy: the clock starts when it is idle
-    report = getattr(entry.engine, "report", None)
+    report = getattr(getattr(entry, "engine", None), "report", None)
     out = {"name": info.name, "model": info.name, "size": info.size, "digest": info.digest,
            "details": info.details(), "expires_at": rfc3339_local(expires),
            "size_vram": report.offloaded_bytes() if report else 0,

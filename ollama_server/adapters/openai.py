@@ -9,7 +9,6 @@ Requests: ``openai_chat_to_internal``, ``openai_completion_to_internal``,
 from __future__ import annotations
 
 import base64
-import json
 import math
 import struct
 import time
@@ -30,83 +29,21 @@ from ..core.schemas import (
     Event,
     Finish,
     InternalRequest,
-    Message,
     ReasoningDelta,
     TextDelta,
     TokenInfo,
     Tool,
     ToolCall,
     ToolCallDelta,
+    Usage,
 )
 from .fields import get_bool, get_number, get_stop, require_model  # noqa: F401 (re-exported)
+from .openai_fields import common_sampling, parse_messages
+from .vllm import apply_vllm_extras
 
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
                   "tool_calls": "tool_calls"}
 FINGERPRINT = "fp_ollama_server"
-
-
-def _content_text(content: Any, images: list[str], where: str) -> str:
-    """Text of an OpenAI content field (string or parts); image parts go to ``images``."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{where}.content must be a string or a list of parts",
-                             param="messages")
-    texts = []
-    for part in content:
-        if not isinstance(part, dict):
-            raise InvalidRequest(f"{where}.content parts must be objects", param="messages")
-        kind = part.get("type")
-        if kind in ("text", "input_text"):
-            texts.append(str(part.get("text", "")))
-        elif kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            if not isinstance(url, str) or not url.startswith("data:"):
-                raise InvalidRequest("only data: URLs are accepted for images (this service "
-                                     "has no internet access)", param="messages")
-            images.append(url)
-        else:
-            raise InvalidRequest(f"unsupported content part type {kind!r}", param="messages")
-    return "\n".join(texts)
-
-
-def _parse_messages(raw: Any) -> list[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, m in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"{where} must be an object", param="messages")
-        role = m.get("role")
-        if role == "developer":
-            role = "system"
-        if role == "function":
-            role = "tool"
-        if role not in ("system", "user", "assistant", "tool"):
-            raise InvalidRequest(f"{where}.role must be one of system, developer, user, "
-                                 f"assistant, tool; got {role!r}", param="messages")
-        images: list[str] = []
-        msg = Message(role=role, content=_content_text(m.get("content"), images, where),
-                      images=images)
-        for j, tc in enumerate(m.get("tool_calls") or []):
-            fn = tc.get("function") or {} if isinstance(tc, dict) else {}
-            args = fn.get("arguments", "{}")
-            if not isinstance(args, str):
-                args = json.dumps(args)
-            msg.tool_calls.append(ToolCall(id=str(tc.get("id") or f"call_{i}_{j}"),
-                                           name=str(fn.get("name", "")), arguments=args))
-        if role == "tool":
-            msg.tool_call_id = m.get("tool_call_id")
-            msg.name = m.get("name")
-        reasoning = m.get("reasoning_content") or m.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            msg.reasoning = reasoning
-        out.append(msg)
-    return out
 
 
 def _parse_tools(body: dict[str, Any]) -> list[Tool]:
@@ -168,41 +105,6 @@ def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
                              f"json_schema; got {kind!r}", param="response_format")
 
 
-def _common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
-    req.temperature = get_number(body, "temperature", 0, 2)
-    req.top_p = get_number(body, "top_p", 0, 1)
-    req.presence_penalty = get_number(body, "presence_penalty", -2, 2)
-    req.frequency_penalty = get_number(body, "frequency_penalty", -2, 2)
-    req.seed = get_number(body, "seed", integer=True)
-    req.stop = get_stop(body)
-    req.stream = get_bool(body, "stream")
-    n = get_number(body, "n", 1, integer=True)
-    if n not in (None, 1):
-        raise InvalidRequest("only n=1 is supported", param="n")
-    bias = body.get("logit_bias")
-    if bias is not None:
-        if not isinstance(bias, dict):
-            raise InvalidRequest("'logit_bias' must be an object of token id → bias",
-                                 param="logit_bias")
-        try:
-            req.logit_bias = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError):
-            raise InvalidRequest("'logit_bias' keys must be token ids and values numbers",
-                                 param="logit_bias") from None
-    # Common extensions (llama.cpp, vLLM, Ollama's compat layer) accepted on every route.
-    req.top_k = get_number(body, "top_k", integer=True)
-    if req.top_k is not None and req.top_k < 0:
-        req.top_k = 0
-    req.min_p = get_number(body, "min_p", 0, 1)
-    rep = get_number(body, "repetition_penalty", 0)
-    if rep is None:
-        rep = get_number(body, "repeat_penalty", 0)
-    req.repeat_penalty = rep
-    req.ignore_eos = get_bool(body, "ignore_eos")
-    if isinstance(body.get("keep_alive"), (int, float)):
-        req.keep_alive = float(body["keep_alive"])
-
-
 def include_usage(body: dict[str, Any]) -> bool:
     """True when the client asked for a usage chunk at the end of the stream."""
     options = body.get("stream_options")
@@ -216,8 +118,8 @@ def include_usage(body: dict[str, Any]) -> bool:
 def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> InternalRequest:
     """A chat completions body → InternalRequest (InvalidRequest on a bad field)."""
     req = InternalRequest(model=require_model(body), dialect=dialect,
-                          messages=_parse_messages(body.get("messages")))
-    _common_sampling(body, req)
+                          messages=parse_messages(body.get("messages")))
+    common_sampling(body, req)
     max_tokens = get_number(body, "max_completion_tokens", 1, integer=True)
     if max_tokens is None:
         max_tokens = get_number(body, "max_tokens", 1, integer=True)
@@ -245,8 +147,6 @@ def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> In
         req.chat_template_kwargs = dict(kwargs)
         if isinstance(kwargs.get("enable_thinking"), bool):
             req.reasoning = kwargs["enable_thinking"]
-    from .vllm import apply_vllm_extras  # vLLM's extra fields (here: import cycle)
-
     apply_vllm_extras(body, req)
     return req
 
@@ -267,7 +167,7 @@ def openai_completion_to_internal(body: dict[str, Any], dialect: str = "openai"
         raise InvalidRequest("'prompt' is required and must be a string or token ids",
                              param="prompt")
     req = InternalRequest(model=require_model(body), dialect=dialect, prompt=prompt, raw=True)
-    _common_sampling(body, req)
+    common_sampling(body, req)
     max_tokens = get_number(body, "max_tokens", 0, integer=True)
     req.max_tokens = 16 if max_tokens is None else max_tokens
     logprobs = get_number(body, "logprobs", 0, 20, integer=True)
@@ -284,8 +184,6 @@ def openai_completion_to_internal(body: dict[str, Any], dialect: str = "openai"
         if suffix:
             req.suffix = suffix
     _response_format(body, req)
-    from .vllm import apply_vllm_extras  # vLLM's extra fields (here: import cycle)
-
     apply_vllm_extras(body, req)
     return req
 
@@ -360,6 +258,18 @@ def usage_dict(finish: Finish | None) -> dict[str, Any]:
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
+def choices_usage(finishes: list[Finish | None]) -> dict[str, Any]:
+    """OpenAI usage of all choices: the prompt once, generated tokens summed."""
+    done = [f for f in finishes if f is not None]
+    if len(finishes) == 1 or not done:
+        return usage_dict(finishes[0] if finishes else None)
+    return usage_dict(Finish("stop", Usage.of_choices([f.usage for f in done])))
+
+
+def _as_list(results: Any) -> list[Any]:
+    return list(results) if isinstance(results, list) else [results]
+
+
 def _chat_logprobs(tokens: list[TokenInfo]) -> dict[str, Any] | None:
     if not tokens:
         return None
@@ -375,72 +285,107 @@ def tool_call_dicts(calls: list[ToolCall]) -> list[dict[str, Any]]:
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
-def internal_to_openai_chat(result: Any, model: str, logprobs: bool = False,
+def internal_to_openai_chat(results: Any, model: str, logprobs: bool = False,
                             completion_id: str | None = None) -> dict[str, Any]:
-    """A non-streamed chat completion from a collected Result."""
-    finish = result.finish
-    message: dict[str, Any] = {"role": "assistant",
-                               "content": result.text if result.text or not result.tool_calls
-                               else None}
-    if result.reasoning:
-        message["reasoning_content"] = result.reasoning
-        message["reasoning"] = result.reasoning
-    if result.tool_calls:
-        message["tool_calls"] = tool_call_dicts(result.tool_calls)
+    """A non-streamed chat completion from a collected Result (or one per choice)."""
+    choices = []
+    for index, result in enumerate(_as_list(results)):
+        finish = result.finish
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": result.text if result.text or not result.tool_calls
+                                   else None}
+        if result.reasoning:
+            message["reasoning_content"] = result.reasoning
+            message["reasoning"] = result.reasoning
+        if result.tool_calls:
+            message["tool_calls"] = tool_call_dicts(result.tool_calls)
+        choices.append({"index": index, "message": message,
+                        "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
+                        "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
+                                                            "stop"),
+                        "stop_reason": stop_reason(finish)})
     return {
         "id": completion_id or new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "message": message,
-                     "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
-                     "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                         "stop"),
-                     "stop_reason": stop_reason(finish)}],
-        "usage": usage_dict(finish),
+        "choices": choices,
+        "usage": choices_usage([r.finish for r in _as_list(results)]),
     }
 
 
-class OpenAIChatStream:
-    """Internal events → ``chat.completion.chunk`` dicts, with the stream's state."""
+class _ChoicesStream:
+    """What the chat and text-completion streams share: the chunk envelope, and the usage
+    chunk once every one of the ``n`` choices has finished (as OpenAI streams ``n`` > 1: each
+    chunk carries one choice, by its ``index``, interleaved as they are generated)."""
 
-    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
-                 completion_id: str | None = None) -> None:
-        self.id = completion_id or new_id("chatcmpl")
+    object = ""
+
+    def __init__(self, prefix: str, model: str, include_usage: bool, logprobs: bool,
+                 n: int, completion_id: str | None = None) -> None:
+        self.id = completion_id or new_id(prefix)
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
         self.logprobs = logprobs
-        self._started = False
+        self.n = n
+        self._finishes: dict[int, Finish] = {}
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
-               logprobs: Any = None) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model, "system_fingerprint": FINGERPRINT,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": finish_reason}]}
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": self.object, "created": self.created,
+                 "model": self.model, "system_fingerprint": FINGERPRINT, "choices": choices}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
 
+    def _finished(self, event: Finish, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The finish chunk of one choice, then the usage chunk after the last choice."""
+        chunk["choices"][0]["stop_reason"] = stop_reason(event)
+        out = [chunk]
+        self._finishes[event.choice] = event
+        if self.include_usage and len(self._finishes) == self.n:
+            usage = self._envelope([])
+            usage["usage"] = choices_usage([self._finishes[i] for i in sorted(self._finishes)])
+            out.append(usage)
+        return out
+
+
+class OpenAIChatStream(_ChoicesStream):
+    """Internal events → ``chat.completion.chunk`` dicts, with the stream's state."""
+
+    object = "chat.completion.chunk"
+
+    def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
+                 completion_id: str | None = None, n: int = 1) -> None:
+        super().__init__("chatcmpl", model, include_usage, logprobs, n, completion_id)
+        self._started = False
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Any = None, index: int = 0) -> dict[str, Any]:
+        return self._envelope([{"index": index, "delta": delta, "logprobs": logprobs,
+                                "finish_reason": finish_reason}])
+
     def start(self) -> list[dict[str, Any]]:
-        """The first chunk (role), sent once."""
+        """The first chunk of each choice (its role), sent once before any content."""
         if self._started:
             return []
         self._started = True
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": ""}, index=i)
+                for i in range(self.n)]
 
     def process(self, event: Event) -> list[dict[str, Any]]:
         """Chunks for one internal event."""
         out = self.start()
+        index = event.choice
         if isinstance(event, TextDelta):
             logprobs = _chat_logprobs(event.tokens) if self.logprobs else None
             if event.text or logprobs:
-                out.append(self._chunk({"content": event.text}, logprobs=logprobs))
+                out.append(self._chunk({"content": event.text}, logprobs=logprobs,
+                                       index=index))
         elif isinstance(event, ReasoningDelta):
             out.append(self._chunk({"reasoning_content": event.text,
-                                    "reasoning": event.text}))
+                                    "reasoning": event.text}, index=index))
         elif isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.index,
                                     "function": {"arguments": event.arguments}}
@@ -448,16 +393,10 @@ class OpenAIChatStream:
                 call["id"] = event.id or new_id("call")
                 call["type"] = "function"
                 call["function"]["name"] = event.name
-            out.append(self._chunk({"tool_calls": [call]}))
+            out.append(self._chunk({"tool_calls": [call]}, index=index))
         elif isinstance(event, Finish):
-            chunk = self._chunk({}, FINISH_REASONS.get(event.reason, "stop"))
-            chunk["choices"][0]["stop_reason"] = stop_reason(event)
-            out.append(chunk)
-            if self.include_usage:
-                out.append({"id": self.id, "object": "chat.completion.chunk",
-                            "created": self.created, "model": self.model,
-                            "system_fingerprint": FINGERPRINT, "choices": [],
-                            "usage": usage_dict(event)})
+            out += self._finished(event, self._chunk(
+                {}, FINISH_REASONS.get(event.reason, "stop"), index=index))
         return out
 
 
@@ -475,72 +414,64 @@ def _completion_logprobs(tokens: list[TokenInfo], offset: int = 0) -> dict[str, 
             "text_offset": text_offset}
 
 
-def internal_to_openai_completion(result: Any, model: str, echo_prompt: str | None = None,
+def internal_to_openai_completion(results: Any, model: str, echo_prompt: str | None = None,
                                   logprobs: bool = False) -> dict[str, Any]:
-    """A non-streamed text completion from a collected Result."""
-    finish = result.finish
-    text = (echo_prompt or "") + result.text
+    """A non-streamed text completion from a collected Result (or one per choice)."""
+    choices = []
+    for index, result in enumerate(_as_list(results)):
+        finish = result.finish
+        choices.append({
+            "text": (echo_prompt or "") + result.text, "index": index,
+            "logprobs": (_completion_logprobs(result.tokens, len(echo_prompt or ""))
+                         if logprobs else None),
+            "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop", "stop"),
+            "stop_reason": stop_reason(finish)})
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"text": text, "index": 0,
-                     "logprobs": (_completion_logprobs(result.tokens, len(echo_prompt or ""))
-                                  if logprobs else None),
-                     "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                         "stop"),
-                     "stop_reason": stop_reason(finish)}],
-        "usage": usage_dict(finish),
+        "choices": choices,
+        "usage": choices_usage([r.finish for r in _as_list(results)]),
     }
 
 
-class OpenAICompletionStream:
+class OpenAICompletionStream(_ChoicesStream):
     """Internal events → ``text_completion`` stream chunks."""
 
+    object = "text_completion"
+
     def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
-                 echo_prompt: str | None = None) -> None:
-        self.id = new_id("cmpl")
-        self.model = model
-        self.created = int(time.time())
-        self.include_usage = include_usage
-        self.logprobs = logprobs
+                 echo_prompt: str | None = None, n: int = 1) -> None:
+        super().__init__("cmpl", model, include_usage, logprobs, n)
         self._echo = echo_prompt
-        self._offset = len(echo_prompt or "")
+        self._echoed: set[int] = set()
+        self._offsets = dict.fromkeys(range(n), len(echo_prompt or ""))
 
     def _chunk(self, text: str, finish_reason: str | None = None,
-               logprobs: Any = None) -> dict[str, Any]:
-        chunk = {"id": self.id, "object": "text_completion", "created": self.created,
-                 "model": self.model, "system_fingerprint": FINGERPRINT,
-                 "choices": [{"text": text, "index": 0, "logprobs": logprobs,
-                              "finish_reason": finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
+               logprobs: Any = None, index: int = 0) -> dict[str, Any]:
+        return self._envelope([{"text": text, "index": index, "logprobs": logprobs,
+                                "finish_reason": finish_reason}])
 
     def process(self, event: Event) -> list[dict[str, Any]]:
         """Chunks for one internal event."""
         out = []
-        if self._echo:
-            out.append(self._chunk(self._echo))
-            self._echo = None
+        index = event.choice
+        if self._echo and index not in self._echoed:
+            out.append(self._chunk(self._echo, index=index))
+            self._echoed.add(index)
         if isinstance(event, TextDelta):
-            lp = _completion_logprobs(event.tokens, self._offset) if self.logprobs else None
-            self._offset += len(event.text)
+            lp = _completion_logprobs(event.tokens, self._offsets.get(index, 0)) \
+                if self.logprobs else None
+            self._offsets[index] = self._offsets.get(index, 0) + len(event.text)
             if event.text or lp:
-                out.append(self._chunk(event.text, logprobs=lp))
+                out.append(self._chunk(event.text, logprobs=lp, index=index))
         elif isinstance(event, ReasoningDelta):
-            out.append(self._chunk(event.text))
+            out.append(self._chunk(event.text, index=index))
         elif isinstance(event, Finish):
-            chunk = self._chunk("", FINISH_REASONS.get(event.reason, "stop"))
-            chunk["choices"][0]["stop_reason"] = stop_reason(event)
-            out.append(chunk)
-            if self.include_usage:
-                out.append({"id": self.id, "object": "text_completion",
-                            "created": self.created, "model": self.model,
-                            "system_fingerprint": FINGERPRINT, "choices": [],
-                            "usage": usage_dict(event)})
+            out += self._finished(event, self._chunk(
+                "", FINISH_REASONS.get(event.reason, "stop"), index=index))
         return out
 
 
@@ -556,7 +487,7 @@ def model_card(info: Any) -> dict[str, Any]:
 
 def openai_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
     """``{"error": {message, type, param, code}}`` and the status for ``exc``."""
-    code: Any = None
+    code: Any = getattr(exc, "code", None)  # set where OpenAI names the check (n's bounds)
     kind = "invalid_request_error"
     message = exc.message
     if isinstance(exc, ModelNotFound):

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
+from ..core.min_tokens import check_min_tokens
 from ..core.schemas import Event, InternalRequest, ReasoningDelta, TextDelta
-from .fields import get_bool
+from .fields import get_bool, get_number
+from .openai_fields import common_sampling, parse_messages
 
 log = logging.getLogger(__name__)
 
@@ -339,10 +341,7 @@ def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
         if req.max_tokens is not None and min_tokens > req.max_tokens:
             raise InvalidRequest(f"min_tokens must be less than or equal to max_tokens="
                                  f"{req.max_tokens}, got {min_tokens}.", param="min_tokens")
-        # llama-server cannot hold back end-of-sequence for the first N tokens.
-        raise Unsupported("'min_tokens' > 0 is not supported by this engine (llama.cpp has no "
-                          "minimum length); use ignore_eos with max_tokens instead",
-                          param="min_tokens")
+        req.min_tokens = min_tokens
     ids = body.get("stop_token_ids")
     if ids is not None:
         if not isinstance(ids, list) or not all(
@@ -368,6 +367,7 @@ def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
     if body.get("include_reasoning") is False:
         req.reasoning = False
     apply_guided(body, req)
+    check_min_tokens(req)
     unknown = [k for k in _IGNORED if k in body]
     if unknown:
         log.debug("vLLM fields accepted and ignored: %s", ", ".join(unknown))
@@ -398,15 +398,13 @@ class TokenizeRequest:
 
 def vllm_tokenize_request(body: dict[str, Any], default_model: str) -> TokenizeRequest:
     """A ``/tokenize`` body (``prompt`` or ``messages``) → TokenizeRequest."""
-    from .openai import _parse_messages  # the OpenAI message parser, reused as vLLM does
-
     model = body.get("model") or default_model
     if not isinstance(model, str):
         raise InvalidRequest("'model' must be a string", param="model")
     strs = get_bool(body, "return_token_strs", False)
     if "messages" in body:
         chat = InternalRequest(model=model, dialect="vllm",
-                               messages=_parse_messages(body.get("messages")))
+                               messages=parse_messages(body.get("messages")))
         chat.add_generation_prompt = get_bool(body, "add_generation_prompt", True)
         chat.continue_final_message = get_bool(body, "continue_final_message", False)
         if chat.add_generation_prompt and chat.continue_final_message:
@@ -450,14 +448,11 @@ def vllm_detokenize_tokens(body: dict[str, Any]) -> list[int]:
 def vllm_generate_to_internal(body: dict[str, Any], model: str) -> InternalRequest:
     """The legacy demo server's ``/generate`` body (``prompt``, ``stream``, sampling) →
     InternalRequest (raw prompt). vLLM's SamplingParams defaults: 16 new tokens."""
-    from .fields import get_number
-    from .openai import _common_sampling
-
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
         raise InvalidRequest("'prompt' is required and must be a string", param="prompt")
     req = InternalRequest(model=model, dialect="vllm", prompt=prompt, raw=True)
-    _common_sampling(body, req)
+    common_sampling(body, req)
     max_tokens = get_number(body, "max_tokens", 1, integer=True)
     req.max_tokens = 16 if max_tokens is None else max_tokens
     apply_vllm_extras(body, req)
@@ -465,14 +460,15 @@ def vllm_generate_to_internal(body: dict[str, Any], model: str) -> InternalReque
 
 
 class VLLMGenerateStream:
-    """Internal events → the legacy ``/generate`` stream: one JSON per line, cumulative."""
+    """Internal events → the legacy ``/generate`` stream: one JSON per line holding the whole
+    text so far of every choice (``n`` of them), as vLLM's demo server streams."""
 
-    def __init__(self, prompt: str) -> None:
-        self.text = prompt
+    def __init__(self, prompt: str, n: int = 1) -> None:
+        self.texts = [prompt] * n
 
     def process(self, event: Event) -> list[dict[str, Any]]:
-        """Objects for one internal event (the whole text so far, once per new text)."""
+        """Objects for one internal event (once per new text)."""
         if not isinstance(event, (TextDelta, ReasoningDelta)) or not event.text:
             return []
-        self.text += event.text
-        return [{"text": [self.text]}]
+        self.texts[event.choice] += event.text
+        return [{"text": list(self.texts)}]

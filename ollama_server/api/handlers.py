@@ -9,7 +9,10 @@ closed (a client that disconnects closes it, which cancels the generation in the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from flask import current_app, g, has_request_context
 from ..config import Config
 from ..core.errors import Cancelled, ContextLengthExceeded, ServiceError, Unsupported
 from ..core.executor import EngineStream, LLAMAExecutor
+from ..core.min_tokens import open_stream
 from ..core.request_tracker import RequestTracker
 from ..core.schemas import (
     Event,
@@ -35,6 +39,7 @@ from ..core.schemas import (
     Tool,
     ToolCall,
     ToolCallDelta,
+    Usage,
 )
 from ..core.tool_fallback import ToolCallExtractor, template_supports_tools
 from ..core.tool_fallback import prepare as prepare_generic_tools
@@ -99,8 +104,20 @@ def _check_capabilities(req: InternalRequest, info: ModelInfo) -> None:
                           f"projector")
 
 
+class _ChoiceDone:
+    """Queue marker: one choice's events are all out."""
+
+
 class Generation:
-    """A started generation. Iterate for events (once); ``close()`` cancels it."""
+    """A started generation. Iterate for events (once); ``close()`` cancels it.
+
+    With ``req.n`` > 1 each choice is its own engine stream in its own slot (the first one
+    opened before the first byte, the others in their threads, with the seed moved by the
+    choice's index so that seeded choices differ and stay reproducible); their events come out
+    interleaved as they are generated, each tagged with its ``choice``. Each choice has its own
+    reasoning splitter and tool-call extractor; ``finish`` is then the whole request's, with
+    the usage of every choice (prompt once, generated tokens summed).
+    """
 
     def __init__(self, svc: Services, req: InternalRequest, info: ModelInfo,
                  engine: LLAMAExecutor, stream: EngineStream, load_s: float,
@@ -112,23 +129,24 @@ class Generation:
         self.engine = engine
         self.load_s = load_s
         self.started = started
-        self._stream = stream
+        self._streams: list[Any] = [stream]
+        self._lock = threading.Lock()
         self._cancel = cancel
         self._closed = False
-        mode = reasoning_mode(req.reasoning, svc.config.preserve_think_tags)
-        self._splitter = ThinkSplitter(mode, starts_in_reasoning=engine.prompt_opens_think)
-        self._extractor = ToolCallExtractor(extract_tools) if extract_tools else None
+        self._mode = reasoning_mode(req.reasoning, svc.config.preserve_think_tags)
+        self._extract_tools = extract_tools
         self.finish: Finish | None = None
+        self.finishes: dict[int, Finish] = {}
 
     @property
     def request_id(self) -> str:
         """The tracked request id."""
         return self.req.request_id
 
-    def _tracked(self) -> Iterator[Event]:
+    def _tracked(self, stream: Any) -> Iterator[Event]:
         tracker = self.svc.tracker
         rid = self.req.request_id
-        for event in self._stream:
+        for event in stream:
             if self._cancel.is_set():
                 raise Cancelled("the request was cancelled")
             if isinstance(event, TextDelta):
@@ -144,17 +162,71 @@ class Generation:
                     yield TextDelta(event.stop_sequence)  # the engine cuts it off the text
             yield event
 
+    def _choice(self, index: int, stream: Any) -> Iterator[Event]:
+        """One choice's events: reasoning split, tool calls extracted, tagged ``index``."""
+        splitter = ThinkSplitter(self._mode, starts_in_reasoning=self.engine.prompt_opens_think)
+        events = splitter.process(self._tracked(stream))
+        if self._extract_tools:
+            events = ToolCallExtractor(self._extract_tools).process(events)
+        for event in events:
+            event.choice = index
+            if isinstance(event, Finish):
+                event.usage.reasoning_tokens = splitter.reasoning_chunks
+            yield event
+
+    def _choice_request(self, index: int) -> InternalRequest:
+        seed = None if self.req.seed is None else self.req.seed + index
+        return dataclasses.replace(self.req, seed=seed)
+
+    def _parallel(self) -> Iterator[Event]:
+        """The events of all ``n`` choices, interleaved as their threads produce them."""
+        out: queue.Queue[Any] = queue.Queue()
+
+        def run(index: int) -> None:
+            try:
+                if index == 0:
+                    stream = self._streams[0]
+                else:
+                    stream = open_stream(self.engine, self._choice_request(index))
+                    with self._lock:
+                        closed = self._closed
+                        if not closed:
+                            self._streams.append(stream)
+                    if closed:
+                        stream.close()
+                        return
+                for event in self._choice(index, stream):
+                    out.put(event)
+                out.put(_ChoiceDone())
+            except BaseException as exc:  # noqa: BLE001 - raised in the consuming thread
+                out.put(exc)
+
+        for index in range(self.req.n):
+            threading.Thread(target=run, args=(index,), daemon=True,
+                             name=f"choice-{index}-{self.req.request_id[:8]}").start()
+        remaining = self.req.n
+        while remaining:
+            item = out.get()
+            if isinstance(item, _ChoiceDone):
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+
     def __iter__(self) -> Iterator[Event]:
         state, error = RequestState.CANCELLED, "client disconnected"
         try:
-            events = self._splitter.process(self._tracked())
-            if self._extractor is not None:
-                events = self._extractor.process(events)
+            events = self._choice(0, self._streams[0]) if self.req.n == 1 else self._parallel()
             for event in events:
                 if isinstance(event, Finish):
-                    event.usage.reasoning_tokens = self._splitter.reasoning_chunks
+                    self.finishes[event.choice] = event
                     self.finish = event
                 yield event
+            if self.req.n > 1:
+                ordered = [self.finishes[i] for i in sorted(self.finishes)]
+                self.finish = Finish(reason=ordered[0].reason,
+                                     usage=Usage.of_choices([f.usage for f in ordered]))
             state, error = RequestState.COMPLETED, None
         except Cancelled as exc:
             state, error = RequestState.CANCELLED, exc.message
@@ -172,10 +244,13 @@ class Generation:
             self._end(state, error, usage)
 
     def _end(self, state: RequestState, error: str | None, usage: Any) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stream.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            streams = list(self._streams)
+        for stream in streams:
+            stream.close()
         self.svc.manager.release(self.info.name, self.req.keep_alive)
         self.svc.tracker.finish(
             self.req.request_id, state=state, error=error,
@@ -189,23 +264,30 @@ class Generation:
         """Stop the generation (client gone); releases the engine. Idempotent."""
         self._end(RequestState.CANCELLED, "client disconnected", None)
 
-    def collect(self) -> Result:
-        """Run to the end and gather text, reasoning, tool calls and the finish."""
-        result = Result()
-        text: list[str] = []
-        reasoning: list[str] = []
+    def collect_choices(self) -> list[Result]:
+        """Run to the end and gather each choice's text, reasoning, tool calls and finish."""
+        results = [Result() for _ in range(self.req.n)]
+        texts: list[list[str]] = [[] for _ in results]
+        reasoning: list[list[str]] = [[] for _ in results]
         for event in self:
+            result = results[event.choice]
             if isinstance(event, TextDelta):
-                text.append(event.text)
+                texts[event.choice].append(event.text)
                 result.tokens.extend(event.tokens)
             elif isinstance(event, ReasoningDelta):
-                reasoning.append(event.text)
+                reasoning[event.choice].append(event.text)
             elif isinstance(event, Finish):
                 result.finish = event
                 result.tool_calls = event.tool_calls
-        result.text = "".join(text)
-        result.reasoning = "".join(reasoning)
-        return result
+        for result, text, thought in zip(results, texts, reasoning, strict=True):
+            result.text = "".join(text)
+            result.reasoning = "".join(thought)
+        return results
+
+    def collect(self) -> Result:
+        """Run to the end and gather text, reasoning, tool calls and the finish (the first
+        choice's; ``collect_choices`` has them all)."""
+        return self.collect_choices()[0]
 
 
 def _bigger_context(info: ModelInfo, prompt_tokens: int, max_tokens: int | None) -> int:
@@ -237,7 +319,8 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
         extract_tools = prepare_generic_tools(req)
     tracker = svc.tracker
     cancel = tracker.start(req.request_id, info.name, req.dialect, endpoint=endpoint,
-                           stream=req.stream, max_tokens=req.max_tokens)
+                           stream=req.stream,
+                           max_tokens=req.max_tokens * req.n if req.max_tokens else None)
     acquired = False
     try:
         tracker.set_state(req.request_id, RequestState.LOADING)
@@ -249,7 +332,7 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
             pieces = (engine.detokenize([i]) for i in req.stop_token_ids)
             req.stop = list(dict.fromkeys([*req.stop, *(p for p in pieces if p)]))
         try:
-            stream = engine.open_stream(req)
+            stream = open_stream(engine, req)
         except ContextLengthExceeded as exc:
             # The model was trained for more than it runs with: reload it bigger, once.
             if not (info.context_length and exc.prompt_tokens < info.context_length
@@ -262,7 +345,7 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
                 info, _bigger_context(info, exc.prompt_tokens, req.max_tokens))
             acquired = True
             load_s += more_s
-            stream = engine.open_stream(req)
+            stream = open_stream(engine, req)
     except BaseException as exc:
         if acquired:
             svc.manager.release(info.name, req.keep_alive)

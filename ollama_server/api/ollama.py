@@ -1,18 +1,18 @@
 """Ollama API blueprint: generate, chat, embeddings, and the model endpoints (tags, show, ps,
-copy, delete, blobs, create), plus the original README's ``/api/models``.
+copy, delete, blobs, create, pull, push), plus the original README's ``/api/models``.
 
 The views validate, call the shared run path (``handlers``) and frame NDJSON; every
 translation is in ``adapters.ollama``. Store writes (blobs, manifests) are atomic: a temp file,
-its digest checked, then renamed; create/copy/delete hold one lock so a delete never removes a
-blob that a manifest being written is about to use.
+its digest checked, then renamed; create/copy/delete/pull hold the store's lock so a delete never
+removes a blob that a manifest being written is about to use.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,8 +21,10 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from ..adapters import ollama as ol
+from ..adapters.fields import get_bool
 from ..core.errors import InvalidRequest, NotFound, ServiceError, Unsupported
 from ..core.schemas import Finish, InternalRequest
+from ..models import registry
 from ..models.gguf_meta import quantization_name, read_header
 from ..models.schemas import ModelInfo
 from ..models.store import MEDIA_PREFIX, ModelName, digest_to_hex
@@ -50,7 +52,6 @@ bp = Blueprint("ollama", __name__)
 register_error_formatter("ollama", ol.ollama_error)
 
 NDJSON = "application/x-ndjson"
-_store_lock = threading.Lock()  # create / copy / delete: one writer of manifests at a time
 
 
 def ndjson_response(objects: Iterable[dict[str, Any]], on_close: Any = None,
@@ -291,7 +292,7 @@ def copy() -> Response:
         raise InvalidRequest("'source' and 'destination' are required", param="source")
     svc = services()
     dst = ModelName.parse(destination)
-    with _store_lock:
+    with svc.manager.store.lock:
         src = _store_name(source, svc, "copy")
         svc.manager.store.copy(src, dst)
     return Response(status=200)
@@ -303,7 +304,7 @@ def delete() -> Response:
     body = json_body()
     name = ol.require_model(body, "model", "name")
     svc = services()
-    with _store_lock:
+    with svc.manager.store.lock:
         target = _store_name(name, svc, "delete")
         short = target.short
         entry = svc.manager.loaded_entry(short)
@@ -505,7 +506,7 @@ class _CreatePlan:
                   "rootfs": {"type": "layers",
                              "diff_ids": [layer["digest"] for layer in layers]}}
         yield {"status": "writing manifest"}
-        with _store_lock:
+        with self.store.lock:
             old_path = self.name.manifest_path(self.store.manifests_dir)
             old = self.store.read_manifest(old_path) if old_path.is_file() else None
             manifest = self.store.build_manifest(layers, config)
@@ -516,16 +517,50 @@ class _CreatePlan:
         yield {"status": "success"}
 
 
+def _status_answer(body: dict[str, Any], objects: Iterator[dict[str, Any]]) -> Response:
+    """Status objects as NDJSON (Ollama's default), or with ``stream: false`` the last one
+    once all is done (an error then answers with its status instead)."""
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    if stream:
+        return ndjson_response(objects)
+    return jsonify(collections.deque(objects, maxlen=1).pop())
+
+
 @bp.post("/api/create")
 def create() -> Response:
     """Create a model from an uploaded GGUF blob (``files``) or another model (``from``), or
     a legacy ``modelfile``; streams status objects unless ``stream: false``."""
     body = json_body()
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
     plan = _CreatePlan(body, services())  # every 400/404 before the first byte
-    if stream:
-        return ndjson_response(plan.run())
-    statuses = list(plan.run())
-    return jsonify(statuses[-1])
+    return _status_answer(body, plan.run())
+
+
+# --- pull / push (OCI registries) ------------------------------------------------------------
+
+@bp.post("/api/pull")
+def pull() -> Response:
+    """Pull a model from its registry (Ollama's, or any OCI registry such as a private one):
+    ``{model, insecure?, stream?}``; Ollama's progress objects, ending ``success``."""
+    body = json_body()
+    name = ModelName.parse(ol.require_model(body, "model", "name"))
+    insecure = get_bool(body, "insecure")
+    svc = services()
+    settings = registry.RegistrySettings.from_config(svc.config)
+    return _status_answer(body, registry.pull_model(svc.manager.store, name, settings,
+                                                    insecure))
+
+
+@bp.post("/api/push")
+def push() -> Response:
+    """Push a local model to the registry its name says (``host/namespace/model:tag``; names
+    without a host go to the configured ``registry``): ``{model, insecure?, stream?}``."""
+    body = json_body()
+    model = ol.require_model(body, "model", "name")
+    insecure = get_bool(body, "insecure")
+    svc = services()
+    name = _store_name(model, svc, "push")  # 404 before the first byte when it is not here
+    settings = registry.RegistrySettings.from_config(svc.config)
+    return _status_answer(body, registry.push_model(svc.manager.store, name, settings,
+                                                    insecure))

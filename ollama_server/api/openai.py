@@ -53,9 +53,9 @@ def chat_completions() -> Response:
     gen = start_generation(req, "/v1/chat/completions")
     if req.stream:
         return sse_stream(gen, oa.OpenAIChatStream(body["model"], oa.include_usage(body),
-                                                   req.logprobs))
-    result = gen.collect()
-    return jsonify(oa.internal_to_openai_chat(result, body["model"], req.logprobs))
+                                                   req.logprobs, n=req.n))
+    return jsonify(oa.internal_to_openai_chat(gen.collect_choices(), body["model"],
+                                              req.logprobs))
 
 
 @bp.post("/v1/completions")
@@ -69,10 +69,9 @@ def completions() -> Response:
     prompt = req.prompt if echo else None
     if req.stream:
         return sse_stream(gen, oa.OpenAICompletionStream(body["model"], oa.include_usage(body),
-                                                         req.logprobs, prompt))
-    result = gen.collect()
-    return jsonify(oa.internal_to_openai_completion(result, body["model"], prompt,
-                                                    req.logprobs))
+                                                         req.logprobs, prompt, n=req.n))
+    return jsonify(oa.internal_to_openai_completion(gen.collect_choices(), body["model"],
+                                                    prompt, req.logprobs))
 
 
 @bp.get("/v1/models")

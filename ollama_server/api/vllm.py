@@ -67,9 +67,8 @@ def vllm_generate(body: dict[str, Any]) -> Response:
     gen = start_generation(req, "/generate")
     prompt = req.prompt if isinstance(req.prompt, str) else ""
     if not stream:
-        result = gen.collect()
-        return jsonify({"text": [prompt + result.reasoning + result.text]})
-    converter = vl.VLLMGenerateStream(prompt)
+        return jsonify({"text": [prompt + r.reasoning + r.text for r in gen.collect_choices()]})
+    converter = vl.VLLMGenerateStream(prompt, req.n)
 
     def lines() -> Iterator[str]:
         try:

@@ -122,7 +122,9 @@ def _sampling_fields(req: InternalRequest) -> dict[str, Any]:
     if req.ignore_eos:
         out["ignore_eos"] = True
     if req.logit_bias:
-        out["logit_bias"] = [[int(k), float(v)] for k, v in req.logit_bias.items()]
+        # JSON has no -Infinity: llama-server reads false as "never this token".
+        out["logit_bias"] = [[int(k), False if v == float("-inf") else float(v)]
+                             for k, v in req.logit_bias.items()]
     if req.grammar:
         out["grammar"] = req.grammar
     elif req.json_schema is not None:

@@ -3,6 +3,9 @@
 Adapters turn a wire body into one ``InternalRequest``; the executor turns engine output into a
 stream of internal events (``TextDelta``, ``ReasoningDelta``, ``ToolCallDelta``, ``Finish``);
 adapters turn those events into their own frames. Nothing here knows any dialect.
+
+A request for ``n`` answers (choices) gives one event stream in which each event names its
+``choice`` (0 … n-1); each choice ends with its own ``Finish``.
 """
 
 from __future__ import annotations
@@ -58,12 +61,15 @@ class InternalRequest:
 
     model: str
     dialect: str = "openai"
+    n: int = 1  # independent answers to generate (OpenAI's and vLLM's ``n``)
     messages: list[Message] | None = None
     prompt: str | list[int] | None = None
     suffix: str | None = None
     raw: bool = False  # prompt is sent as is, without the chat template
 
     max_tokens: int | None = None
+    # End of sequence, stop strings and stop token ids are not honoured before this many
+    # tokens (vLLM's ``min_tokens``).
     min_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -123,6 +129,7 @@ class TextDelta:
 
     text: str
     tokens: list[TokenInfo] = field(default_factory=list)
+    choice: int = 0
 
 
 @dataclass
@@ -130,6 +137,7 @@ class ReasoningDelta:
     """Reasoning (``<think>``) text generated since the last event."""
 
     text: str
+    choice: int = 0
 
 
 @dataclass
@@ -142,6 +150,7 @@ class PromptInfo:
 
     prompt_tokens: int
     cached_tokens: int = 0
+    choice: int = 0
 
 
 @dataclass
@@ -152,6 +161,7 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+    choice: int = 0
 
 
 @dataclass
@@ -171,6 +181,19 @@ class Usage:
         """Prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
 
+    @classmethod
+    def of_choices(cls, usages: list["Usage"]) -> "Usage":
+        """The usage of a request with several choices: the prompt counted once, generated
+        tokens summed (as OpenAI and vLLM report ``n`` > 1); times of parallel work: longest."""
+        if not usages:
+            return cls()
+        first = usages[0]
+        return cls(prompt_tokens=first.prompt_tokens, cached_tokens=first.cached_tokens,
+                   completion_tokens=sum(u.completion_tokens for u in usages),
+                   reasoning_tokens=sum(u.reasoning_tokens for u in usages),
+                   prompt_ms=first.prompt_ms, load_ms=first.load_ms,
+                   predicted_ms=max(u.predicted_ms for u in usages))
+
 
 @dataclass
 class Finish:
@@ -185,6 +208,7 @@ class Finish:
     stop_sequence: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     prompt_tokens_ids: list[int] | None = None
+    choice: int = 0
 
 
 Event = TextDelta | ReasoningDelta | ToolCallDelta | PromptInfo | Finish

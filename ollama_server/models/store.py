@@ -12,17 +12,21 @@ rejected before any path is built from it.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..core.errors import InvalidRequest
+from ..core.errors import InvalidRequest, ServiceError
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -106,17 +110,120 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class DigestMismatch(ServiceError):
+    """Downloaded bytes do not hash to the digest the manifest names (Ollama's words)."""
+
+    def __init__(self, expected_hex: str, got_hex: str) -> None:
+        super().__init__(f"digest mismatch, file must be downloaded again: want "
+                         f"sha256:{expected_hex}, got sha256:{got_hex}", param="digest")
+
+
+class PartialBlob:
+    """A blob being downloaded into ``blobs/sha256-<hex>-partial``.
+
+    The partial file survives an interruption, so the next download resumes at its end:
+    ``open()`` hashes what is already there and returns that offset. ``commit()`` checks size
+    and sha256 and renames the file to its blob name; on a mismatch the partial file is
+    removed (it can never become right) and DigestMismatch is raised.
+    """
+
+    def __init__(self, store: "OllamaStore", digest: str, size: int) -> None:
+        self.hex = digest_to_hex(digest)
+        self.size = int(size)
+        self.target = store.blobs_dir / f"sha256-{self.hex}"
+        self.path = self.path_of(self.target)
+        self.offset = 0
+        self._hash = hashlib.sha256()
+        self._fh: IO[bytes] | None = None
+
+    @staticmethod
+    def path_of(blob: Path) -> Path:
+        """The partial file of the blob file ``blob``."""
+        return blob.with_name(blob.name + "-partial")
+
+    def open(self) -> int:
+        """Open for appending; the offset to resume from (0 for a fresh download)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+        if self.path.is_file() and self.path.stat().st_size <= self.size:
+            with open(self.path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    self._hash.update(chunk)
+                    self.offset += len(chunk)
+        else:
+            self.path.unlink(missing_ok=True)
+        self._fh = open(self.path, "ab")
+        return self.offset
+
+    def restart(self) -> None:
+        """Throw away what was downloaded (the server cannot resume) and start at 0."""
+        assert self._fh is not None, "open() first"
+        self._fh.truncate(0)
+        self._fh.seek(0)
+        self._hash = hashlib.sha256()
+        self.offset = 0
+
+    def write(self, data: bytes) -> None:
+        """Append downloaded bytes."""
+        assert self._fh is not None, "open() first"
+        self._fh.write(data)
+        self._hash.update(data)
+        self.offset += len(data)
+
+    def close(self) -> None:
+        """Flush and close, keeping the partial file for a later resume. Idempotent."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def commit(self) -> None:
+        """Verify size and digest, then rename to the blob's own name."""
+        self.close()
+        got = self._hash.hexdigest()
+        if got != self.hex or self.offset != self.size:
+            self.path.unlink(missing_ok=True)
+            raise DigestMismatch(self.hex, got)
+        os.replace(self.path, self.target)
+
+
 class OllamaStore:
-    """Read and write one Ollama-layout model store."""
+    """Read and write one Ollama-layout model store.
+
+    ``lock`` serialises manifest writes and the pruning of blobs (create, copy, delete, pull).
+    Blobs that a pull in progress will reference are pinned (``pinned``) so that a delete of
+    another model sharing them cannot prune them before the new manifest is written.
+    """
 
     def __init__(self, models_dir: Path, manifests_dir: Path | None = None) -> None:
         self.root = Path(models_dir)
         self.manifests_dir = Path(manifests_dir) if manifests_dir else self.root / "manifests"
         self.blobs_dir = self.root / "blobs"
+        self.lock = threading.RLock()
+        self._pins: collections.Counter[str] = collections.Counter()
 
     def blob_path(self, digest: str) -> Path:
         """Path of a blob from its ``sha256:<hex>`` digest."""
         return self.blobs_dir / f"sha256-{digest_to_hex(digest)}"
+
+    def has_blob(self, digest: str) -> bool:
+        """True when the blob is in the store (complete, not a partial download)."""
+        return self.blob_path(digest).is_file()
+
+    @contextlib.contextmanager
+    def pinned(self, digests: Iterable[str]) -> Iterator[None]:
+        """Keep these blobs from being pruned while the block runs (a pull in progress)."""
+        hexes = [digest_to_hex(d) for d in digests]
+        with self.lock:
+            self._pins.update(hexes)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._pins.subtract(hexes)
+                self._pins += collections.Counter()  # drop zero counts
 
     def iter_manifests(self) -> Iterator[tuple[ModelName, Path]]:
         """Every manifest in the store as (name, path); malformed entries are skipped."""
@@ -193,15 +300,15 @@ class OllamaStore:
 
     def write_bytes_blob(self, data: bytes) -> tuple[str, int]:
         """Store a small in-memory layer (params, system); return (hex digest, size)."""
-        import io
-
         return self.write_blob(io.BytesIO(data))
 
-    def write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> Path:
-        """Write a manifest atomically (temp file, then rename)."""
+    def write_manifest(self, name: ModelName, manifest: dict[str, Any] | bytes) -> Path:
+        """Write a manifest atomically (temp file, then rename); bytes are written as they are
+        (a pulled manifest keeps the registry's digest)."""
         path = name.manifest_path(self.manifests_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = json.dumps(manifest, separators=(",", ":")).encode()
+        data = manifest if isinstance(manifest, bytes) else json.dumps(
+            manifest, separators=(",", ":")).encode()
         fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -242,16 +349,23 @@ class OllamaStore:
                     continue
         return used
 
-    def prune(self, manifest: dict[str, Any]) -> None:
-        """Remove the blobs of ``manifest`` (config and layers) that no stored manifest uses."""
-        still_used = self.referenced_blobs()
-        for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
-            try:
-                hex_digest = digest_to_hex(entry.get("digest", ""))
-            except InvalidRequest:
-                continue
-            if hex_digest not in still_used:
-                (self.blobs_dir / f"sha256-{hex_digest}").unlink(missing_ok=True)
+    def prune(self, manifest: dict[str, Any]) -> int:
+        """Remove the blobs of ``manifest`` (config and layers) that no stored manifest uses
+        and no pull in progress needs; the number removed."""
+        with self.lock:
+            still_used = self.referenced_blobs() | set(self._pins)
+            removed = 0
+            for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
+                try:
+                    hex_digest = digest_to_hex(entry.get("digest", ""))
+                except InvalidRequest:
+                    continue
+                path = self.blobs_dir / f"sha256-{hex_digest}"
+                if hex_digest not in still_used and path.is_file():
+                    path.unlink(missing_ok=True)
+                    still_used.add(hex_digest)  # a digest listed twice is removed once
+                    removed += 1
+            return removed
 
     def delete(self, name: ModelName) -> bool:
         """Remove a manifest and the blobs no other manifest uses; False when absent."""

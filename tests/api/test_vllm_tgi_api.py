@@ -223,7 +223,8 @@ def test_vllm_reasoning_fields(client, script):
 
 @pytest.mark.parametrize("extra,param", [({"prompt_logprobs": 2}, "prompt_logprobs"),
                                          ({"guided_regex": "(?=a)"}, "guided_regex"),
-                                         ({"min_tokens": 4}, "min_tokens")])
+                                         ({"min_tokens": 4, "guided_choice": ["a"]},
+                                          "min_tokens")])
 def test_vllm_unsupported_fields_are_400(client, extra, param):
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MSGS, **extra})
     assert r.status_code == 400

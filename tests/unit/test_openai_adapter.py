@@ -56,7 +56,9 @@ def test_chat_request_fields():
     ({"model": "m", "messages": MSG, "temperature": "hot"}, "temperature"),
     ({"model": "m", "messages": MSG, "max_tokens": 0}, "max_tokens"),
     ({"model": "m", "messages": MSG, "max_tokens": 1.5}, "max_tokens"),
-    ({"model": "m", "messages": MSG, "n": 2}, "n"),
+    ({"model": "m", "messages": MSG, "n": 0}, "n"),
+    ({"model": "m", "messages": MSG, "n": 129}, "n"),
+    ({"model": "m", "messages": MSG, "n": "2"}, "n"),
     ({"model": "m", "messages": MSG, "stop": [1]}, "stop"),
     ({"model": "m", "messages": MSG, "response_format": {"type": "xml"}}, "response_format"),
     ({"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}},
@@ -72,6 +74,25 @@ def test_chat_request_errors_name_the_field(body, param):
     with pytest.raises(InvalidRequest) as err:
         oa.openai_chat_to_internal(body)
     assert err.value.param == param
+
+
+def test_n_is_bounded_in_openais_words():
+    assert oa.openai_chat_to_internal({"model": "m", "messages": MSG}).n == 1
+    assert oa.openai_chat_to_internal({"model": "m", "messages": MSG, "n": 128}).n == 128
+    assert oa.openai_completion_to_internal({"model": "m", "prompt": "x", "n": 3}).n == 3
+    for n, code, words in [
+            (129, "integer_above_max_value",
+             "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 129 "
+             "instead."),
+            (0, "integer_below_min_value",
+             "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 "
+             "instead.")]:
+        with pytest.raises(InvalidRequest) as err:
+            oa.openai_chat_to_internal({"model": "m", "messages": MSG, "n": n})
+        body, status = oa.openai_error(err.value)
+        assert status == 400
+        assert body == {"error": {"message": words, "type": "invalid_request_error",
+                                  "param": "n", "code": code}}
 
 
 def test_completion_request():

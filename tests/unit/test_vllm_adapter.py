@@ -105,7 +105,10 @@ def test_sampling_extras():
 
 @pytest.mark.parametrize("extra,match", [
     ({"prompt_logprobs": 1}, "prompt_logprobs"),
-    ({"min_tokens": 3}, "min_tokens"),
+    ({"min_tokens": 3, "guided_choice": ["a", "b"]}, "min_tokens"),
+    ({"min_tokens": 3, "response_format": {"type": "json_object"}}, "min_tokens"),
+    ({"min_tokens": 3, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "min_tokens"),
     ({"skip_special_tokens": False}, "skip_special_tokens"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"echo": True}, "echo"),
@@ -114,6 +117,14 @@ def test_what_the_engine_cannot_do_is_a_400(extra, match):
     with pytest.raises(InvalidRequest, match=match) as info:
         chat(**extra)
     assert info.value.status == 400
+
+
+def test_min_tokens_is_read():
+    assert chat(min_tokens=3, max_tokens=5).min_tokens == 3
+    assert chat(min_tokens=3).min_tokens == 3
+    assert chat().min_tokens is None
+    with pytest.raises(InvalidRequest, match="cannot be combined with a grammar"):
+        chat(min_tokens=3, guided_json={"type": "object"})
 
 
 def test_min_tokens_over_max_tokens_is_vllms_message():
