@@ -284,7 +284,7 @@ def amx_instructions(path: Path) -> int:
 
 def engine_code_files(bin_dir: Path) -> list[Path]:
     """The files of a build folder that hold machine code (binaries and shared libraries)."""
-    return sorted(p for p in bin_dir.iterdir() if p.is_file() and (
+    return sorted(p for p in bin_dir.iterdir() if (p.is_file() or p.is_symlink()) and (
         p.name in TARGETS or p.suffix == ".so" or ".so." in p.name))
 
 
@@ -478,8 +478,8 @@ def publish(plan: BuildPlan, out_bin: Path, extra: dict) -> None:
     staging = cache_root() / f".publish-{plan.key}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "bin").mkdir(parents=True)
-    for path in engine_code_files(out_bin):
-        shutil.copy2(path, staging / "bin" / path.name, follow_symlinks=True)
+    for path in engine_code_files(out_bin):  # versioned .so links stay links
+        shutil.copy2(path, staging / "bin" / path.name, follow_symlinks=False)
     info = {"version": SDIST_VERSION, "backend": plan.backend, "flavour": plan.flavour,
             "machine": plan.machine, "flags": list(plan.flags), "cpu_features":
             list(plan.features), "compiler": plan.compiler, "key": plan.key,
