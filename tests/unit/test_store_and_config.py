@@ -123,3 +123,15 @@ def test_main_exits_nonzero_on_bad_flag_value(capsys):
 def test_debug_key_raises_the_log_level():
     assert load_config(overrides={"debug": True}, environ={}).log_level == "DEBUG"
     assert load_config(environ={"OLLAMA_SERVER_DEBUG": "1"}).log_level == "DEBUG"
+
+
+def test_quantization_names_match_the_gguf_package():
+    """Our table of llama.cpp file types is gguf's LlamaFileType (kept out of the service)."""
+    from gguf import LlamaFileType
+
+    from ollama_server.models.gguf_meta import quantization_name
+
+    for member in LlamaFileType:
+        assert quantization_name(member.value) == member.name.removeprefix(
+            "MOSTLY_").removeprefix("ALL_")
+    assert quantization_name(None) == "" and quantization_name(999) == "999"
