@@ -380,11 +380,12 @@ def run_logged(cmd: list[str], logfile: Path, stage: str,
 
 
 @contextmanager
-def build_lock() -> Iterator[None]:
-    """One build at a time per cache (two `make` runs at once wait for each other)."""
+def build_lock(key: str) -> Iterator[None]:
+    """One build of a key at a time (two `make` runs at once wait for each other; builds of
+    other keys, and runs that find their build cached, do not wait)."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as fh:
+    with open(root / f".build-{key}.lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -521,7 +522,11 @@ def ensure_engine(backend: str | None = None, jobs: int | None = None, *,
                   smoke_model: Path | None = None) -> Path:
     """Return the cached, proven engine binary, building and proving it first when needed."""
     plan = make_plan(backend, flavour)
-    with build_lock():
+    found = None if rebuild else cached_engine(plan.backend, plan.flavour)
+    if found:
+        log(f"using cached {found}")
+        return found
+    with build_lock(plan.key):
         found = None if rebuild else cached_engine(plan.backend, plan.flavour)
         if found:
             log(f"using cached {found}")
