@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Response, request
+from flask import Response, current_app, request
 
 from ..core.errors import InvalidRequest, ServiceError
+from .validation import parse_json_body
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,11 @@ def error_response(exc: ServiceError, dialect: str | None = None) -> Response:
     resp = Response(json.dumps(body), status=status, mimetype="application/json")
     if status >= 500:
         resp.headers["x-should-retry"] = "false" if status == 500 else "true"
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="ollama-server"'
     return resp
 
 
@@ -66,13 +74,32 @@ def json_body() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw or not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    body = parse_json_body(raw, current_app.extensions["ollama_server"].config.max_json_depth)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
+
+
+def client_gone_check() -> Callable[[], bool]:
+    """A cheap test, usable while the request waits, of whether its client hung up.
+
+    The request body has been read, so a readable socket that yields no bytes has been
+    closed by the client. Without a socket (the Flask test client) it is always False.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
+
+    return gone
 
 
 def dumps(obj: Any) -> str:

@@ -19,7 +19,14 @@ from typing import Any
 from flask import current_app, g, has_request_context
 
 from ..config import Config
-from ..core.errors import Cancelled, ContextLengthExceeded, ServiceError, Unsupported
+from ..core.errors import (
+    Cancelled,
+    ContextLengthExceeded,
+    EngineFailed,
+    RequestTimeout,
+    ServiceError,
+    Unsupported,
+)
 from ..core.executor import EngineStream, LLAMAExecutor
 from ..core.request_tracker import RequestTracker
 from ..core.schemas import (
@@ -41,6 +48,8 @@ from ..core.tool_fallback import prepare as prepare_generic_tools
 from ..models.manager import ModelManager
 from ..models.schemas import ModelInfo
 from ..utils.response_processing import ThinkSplitter, reasoning_mode
+from .common import client_gone_check
+from .validation import fit_embedding_inputs, fit_request_to_engine
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +128,36 @@ class Generation:
         self._splitter = ThinkSplitter(mode, starts_in_reasoning=engine.prompt_opens_think)
         self._extractor = ToolCallExtractor(extract_tools) if extract_tools else None
         self.finish: Finish | None = None
+        # request_timeout bounds the whole generation, not only the engine's silences.
+        self._timeout = svc.config.request_timeout
+        self._deadline = time.monotonic() + self._timeout
 
     @property
     def request_id(self) -> str:
         """The tracked request id."""
         return self.req.request_id
 
+    def _timed_out(self) -> RequestTimeout:
+        return RequestTimeout(f"the generation ran past request_timeout ({self._timeout:g} s) "
+                              f"and was stopped; ask for fewer tokens, or raise "
+                              f"request_timeout in the service's configuration")
+
+    def _timed(self) -> Iterator[Event]:
+        try:
+            for event in self._stream:
+                yield event
+                if time.monotonic() > self._deadline:
+                    raise self._timed_out()
+        except EngineFailed as exc:
+            # The engine went silent for request_timeout: the read timed out.
+            if time.monotonic() >= self._deadline:
+                raise self._timed_out() from exc
+            raise
+
     def _tracked(self) -> Iterator[Event]:
         tracker = self.svc.tracker
         rid = self.req.request_id
-        for event in self._stream:
+        for event in self._timed():
             if self._cancel.is_set():
                 raise Cancelled("the request was cancelled")
             if isinstance(event, TextDelta):
@@ -182,7 +211,10 @@ class Generation:
             finish_reason=self.finish.reason if self.finish else None,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None)
-        log.info("request %s %s: %s", self.req.request_id, state.value,
+        status = self.svc.tracker.get(self.req.request_id)
+        caller = status.caller if status is not None else None
+        log.info("request %s %s%s: %s", self.req.request_id, state.value,
+                 f" (key {caller})" if caller else "",
                  error or (self.finish.reason if self.finish else ""))
 
     def close(self) -> None:
@@ -223,6 +255,17 @@ def _adopt_request_id(req: InternalRequest, svc: Services) -> None:
         req.request_id = rid
 
 
+def _caller() -> str | None:
+    """The name of the API key the current request came with (None: no keys, or no request)."""
+    return g.get("caller") if has_request_context() else None
+
+
+def _abandoned(cancel: Any) -> Any:
+    """True once the request is cancelled or its client hung up (checked while it queues)."""
+    gone = client_gone_check() if has_request_context() else (lambda: False)
+    return lambda: cancel.is_set() or gone()
+
+
 def start_generation(req: InternalRequest, endpoint: str, svc: Services | None = None
                      ) -> Generation:
     """Resolve, load, send, and wait for the engine's first result; raise typed errors."""
@@ -232,16 +275,19 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
     info = svc.manager.resolve(req.model)
     apply_model_defaults(req, info)
     _check_capabilities(req, info)
+    fit_request_to_engine(req, info, svc.config)
     extract_tools = None
     if req.tools and not template_supports_tools(info.chat_template):
         extract_tools = prepare_generic_tools(req)
     tracker = svc.tracker
     cancel = tracker.start(req.request_id, info.name, req.dialect, endpoint=endpoint,
-                           stream=req.stream, max_tokens=req.max_tokens)
+                           stream=req.stream, max_tokens=req.max_tokens, caller=_caller(),
+                           caller_limit=svc.config.max_requests_per_key)
     acquired = False
     try:
-        tracker.set_state(req.request_id, RequestState.LOADING)
-        engine, load_s = svc.manager.acquire(info, req.num_ctx)
+        engine, load_s = svc.manager.acquire(
+            info, req.num_ctx, abandoned=_abandoned(cancel),
+            admitted=lambda: tracker.set_state(req.request_id, RequestState.LOADING))
         acquired = True
         tracker.set_state(req.request_id, RequestState.PROCESSING)
         if req.stop_token_ids:
@@ -273,17 +319,21 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
 
 
 def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,
-                   keep_alive: float | None = None, svc: Services | None = None
-                   ) -> tuple[list[list[float]], int, ModelInfo, float]:
-    """(vectors, prompt tokens, model, load seconds) for a list of inputs, tracked."""
+                   keep_alive: float | None = None, svc: Services | None = None,
+                   truncate: bool = False) -> tuple[list[list[float]], int, ModelInfo, float]:
+    """(vectors, prompt tokens, model, load seconds) for a list of inputs, tracked.
+
+    An input longer than the engine can embed is cut to fit with ``truncate``, else a 400.
+    """
     svc = svc or services()
     info = svc.manager.resolve(model)
     rid = uuid.uuid4().hex
-    svc.tracker.start(rid, info.name, dialect, endpoint=endpoint)
+    cancel = svc.tracker.start(rid, info.name, dialect, endpoint=endpoint, caller=_caller(),
+                               caller_limit=svc.config.max_requests_per_key)
     try:
-        engine, load_s = svc.manager.acquire(info)
+        engine, load_s = svc.manager.acquire(info, abandoned=_abandoned(cancel))
         try:
-            vectors, tokens = engine.embed(inputs)
+            vectors, tokens = engine.embed(fit_embedding_inputs(inputs, engine, truncate))
         finally:
             svc.manager.release(info.name, keep_alive)
     except BaseException as exc:
@@ -309,9 +359,9 @@ class _EngineUse:
 
     def __enter__(self) -> tuple[LLAMAExecutor, ModelInfo]:
         self.info = self.svc.manager.resolve(self.model)
-        engine, _ = self.svc.manager.acquire(self.info, self.num_ctx)
+        engine, _ = self.svc.manager.acquire(self.info, self.num_ctx, slot=False)
         return engine, self.info
 
     def __exit__(self, *exc: Any) -> None:
         if self.info is not None:
-            self.svc.manager.release(self.info.name)
+            self.svc.manager.release(self.info.name, slot=False)

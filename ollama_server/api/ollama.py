@@ -203,7 +203,8 @@ def embed() -> Response:
         svc.manager.release(info.name, keep_alive)
         return jsonify({"model": model, "embeddings": []})
     vectors, tokens, _, load_s = run_embeddings(model, inputs, "/api/embed", "ollama",
-                                                keep_alive, svc)
+                                                keep_alive, svc,
+                                                truncate=body.get("truncate") is not False)
     return jsonify({"model": model, "embeddings": [ol.normalize(v, dims) for v in vectors],
                     "total_duration": int((time.monotonic() - started) * 1e9),
                     "load_duration": int(load_s * 1e9), "prompt_eval_count": tokens})
@@ -223,7 +224,7 @@ def embeddings() -> Response:
         svc.manager.resolve(model)
         return jsonify({"embedding": []})
     vectors, _, _, _ = run_embeddings(model, [prompt], "/api/embeddings", "ollama",
-                                      keep_alive, svc)
+                                      keep_alive, svc, truncate=True)
     return jsonify({"embedding": vectors[0]})
 
 
