@@ -32,6 +32,12 @@ def register_error_formatter(dialect: str, formatter: ErrorFormatter) -> None:
     ERROR_FORMATTERS[dialect] = formatter
 
 
+# OpenAI routes outside /v1/ (clients that leave the /v1 out of their base URL, and Open WebUI's
+# /api/chat/completions): their errors are OpenAI's, not Ollama's.
+OPENAI_ALIASES = frozenset({"/chat/completions", "/completions", "/embeddings",
+                            "/api/chat/completions"})
+
+
 def dialect_for_request(path: str | None = None, method: str | None = None,
                         headers: Any = None) -> str:
     """Which API a request belongs to, from its path (and a few headers) alone."""
@@ -41,6 +47,8 @@ def dialect_for_request(path: str | None = None, method: str | None = None,
     if path.startswith("/v1/messages") or (
             path.startswith("/v1/models") and headers.get("anthropic-version")):
         return "anthropic"
+    if path in OPENAI_ALIASES:
+        return "openai"
     if path.startswith("/api/"):
         return "ollama"
     if path in ("/generate", "/generate_stream", "/info") or (path == "/" and method == "POST"):

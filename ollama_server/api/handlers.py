@@ -102,6 +102,11 @@ def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
 def _check_capabilities(req: InternalRequest, info: ModelInfo) -> None:
     if info.is_embedding_only:
         raise Unsupported(f"\"{info.name}\" does not support generate")
+    _check_images(req, info)
+
+
+def _check_images(req: InternalRequest, info: ModelInfo) -> None:
+    # Before any template or generation: llama-server fails with a 500 on images it cannot see.
     wants_images = any(m.images for m in req.messages or [])
     if wants_images and info.projector is None:
         raise Unsupported(f"\"{info.name}\" does not support images: the model has no vision "
@@ -344,21 +349,30 @@ def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,
     return vectors, tokens, info, load_s
 
 
-def with_engine(model: str, svc: Services | None = None,
-                num_ctx: int | None = None) -> "_EngineUse":
-    """``with with_engine(name) as (engine, info):`` for tokenize, templates and counts."""
-    return _EngineUse(svc or services(), model, num_ctx)
+def with_engine(model: str, svc: Services | None = None, num_ctx: int | None = None,
+                template_of: InternalRequest | None = None) -> "_EngineUse":
+    """``with with_engine(name) as (engine, info):`` for tokenize, templates and counts.
+
+    ``template_of``: a chat request whose template will be applied; refused (400) first when
+    it holds images the model cannot see.
+    """
+    return _EngineUse(svc or services(), model, num_ctx, template_of)
 
 
 class _EngineUse:
-    def __init__(self, svc: Services, model: str, num_ctx: int | None) -> None:
+    def __init__(self, svc: Services, model: str, num_ctx: int | None,
+                 template_of: InternalRequest | None) -> None:
         self.svc = svc
         self.model = model
         self.num_ctx = num_ctx
+        self.template_of = template_of
         self.info: ModelInfo | None = None
 
     def __enter__(self) -> tuple[LLAMAExecutor, ModelInfo]:
-        self.info = self.svc.manager.resolve(self.model)
+        info = self.svc.manager.resolve(self.model)
+        if self.template_of is not None:
+            _check_images(self.template_of, info)
+        self.info = info
         engine, _ = self.svc.manager.acquire(self.info, self.num_ctx, slot=False)
         return engine, self.info
 

@@ -43,6 +43,7 @@ from .handlers import (
     start_generation,
     with_engine,
 )
+from .validation import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,10 @@ def _load_or_unload(model: str, info: ModelInfo, req: InternalRequest, chat: boo
 
 def _prepend_context(req: InternalRequest, context: list[int], svc: Services) -> None:
     """The deprecated ``context`` field: earlier tokens go before this prompt, sent raw."""
-    with with_engine(req.model, svc) as (engine, info):
+    with with_engine(req.model, svc, template_of=req) as (engine, info):
         apply_model_defaults(req, info)
         text = engine.apply_template(req) if req.is_chat else str(req.prompt or "")
-        req.prompt = engine.detokenize(context) + text
+        req.prompt = engine.detokenize(check_token_ids(context, info, "context")) + text
         req.messages = None
         req.raw = True
 

@@ -166,11 +166,23 @@ def fit_request_to_engine(req: InternalRequest, info: ModelInfo, config: Config)
     _int_field("top_logprobs", req.top_logprobs, 0, MAX_TOP_LOGPROBS)
     _int_field("num_ctx", req.num_ctx, 0, INT32_MAX)
     _check_float32(req)
-    for token in req.stop_token_ids:
-        _int_field("stop_token_ids", token, 0, INT32_MAX)
+    check_token_ids(req.stop_token_ids, info, "stop_token_ids")
     if isinstance(req.prompt, list):
-        for token in req.prompt:
-            _int_field("prompt", token, 0, INT32_MAX)
+        check_token_ids(req.prompt, info, "prompt")
+
+
+def check_token_ids(tokens: Any, info: ModelInfo, name: str) -> list[int]:
+    """``tokens`` as a list of ids of ``info``'s vocabulary, or InvalidRequest naming
+    ``name`` (llama-server fails with a 500 on an id outside its vocabulary)."""
+    if not isinstance(tokens, list) or any(
+            isinstance(t, bool) or not isinstance(t, int) for t in tokens):
+        raise InvalidRequest(f"{name} must be a list of token ids (integers)", param=name)
+    top = (info.vocab_size or INT32_MAX + 1) - 1
+    for token in tokens:
+        if not 0 <= token <= top:
+            raise InvalidRequest(f"{name} holds the token id {token}, outside the vocabulary "
+                                 f"of {info.name} (ids 0 to {top})", param=name)
+    return tokens
 
 
 # --- embeddings -----------------------------------------------------------------------------------

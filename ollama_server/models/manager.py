@@ -185,6 +185,7 @@ class ModelManager:
             metadata={k: v for k, v in header.metadata.items()
                       if k not in ("general.name", "tokenizer.chat_template")},
             pooling=pooling_names.get(pooling) if pooling is not None else None,
+            vocab_size=int(header.array_lengths.get("tokenizer.ggml.tokens", 0)),
         )
 
     def _gguf_files(self) -> list[Path]:
