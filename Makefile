@@ -81,11 +81,13 @@ test-fast: venv
 FUZZ_EXAMPLES ?= 20000
 FUZZ_SECONDS ?= 14400
 FUZZ_CONCURRENCY ?= 4
+FUZZ_TOKEN_CAP ?= 2
 FUZZ_REPORT ?= logs/fuzz-report.json
 fuzz: setup
 	@mkdir -p $(dir $(FUZZ_REPORT))
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS) \
-	  FUZZ_CONCURRENCY=$(FUZZ_CONCURRENCY) FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
+	  FUZZ_CONCURRENCY=$(FUZZ_CONCURRENCY) FUZZ_TOKEN_CAP=$(FUZZ_TOKEN_CAP) \
+	  FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
 	  $(VPY) -m pytest tests/e2e/test_fuzz.py -p no:cacheprovider -o timeout=0 -s $(PYTEST_ARGS)
 
 bench: setup

@@ -271,6 +271,13 @@ def _abandoned(cancel: Any) -> Any:
     return lambda: cancel.is_set() or gone()
 
 
+def _finish_failed(tracker: RequestTracker, rid: str, exc: BaseException) -> None:
+    """End the tracking of a request that failed before its answer began."""
+    message = exc.message if isinstance(exc, ServiceError) else str(exc)
+    state = RequestState.CANCELLED if isinstance(exc, Cancelled) else RequestState.FAILED
+    tracker.finish(rid, state=state, error=message)
+
+
 def start_generation(req: InternalRequest, endpoint: str, svc: Services | None = None
                      ) -> Generation:
     """Resolve, load, send, and wait for the engine's first result; raise typed errors."""
@@ -317,8 +324,7 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
     except BaseException as exc:
         if acquired:
             svc.manager.release(info.name, req.keep_alive)
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
-        tracker.finish(req.request_id, state=RequestState.FAILED, error=message)
+        _finish_failed(tracker, req.request_id, exc)
         raise
     return Generation(svc, req, info, engine, stream, load_s, cancel, started, extract_tools)
 
@@ -342,8 +348,7 @@ def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,
         finally:
             svc.manager.release(info.name, keep_alive)
     except BaseException as exc:
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
-        svc.tracker.finish(rid, state=RequestState.FAILED, error=message)
+        _finish_failed(svc.tracker, rid, exc)
         raise
     svc.tracker.finish(rid, prompt_tokens=tokens, completion_tokens=0)
     return vectors, tokens, info, load_s

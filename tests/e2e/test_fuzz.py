@@ -47,7 +47,8 @@ FUZZ_SECONDS = float(os.environ.get("FUZZ_SECONDS", "300"))
 # Requests in flight at once: the engine batches them (its parallel slots), so a long run
 # goes faster with a few; bodies are still drawn in one seeded sequence.
 FUZZ_CONCURRENCY = int(os.environ.get("FUZZ_CONCURRENCY", "1"))
-TOKEN_CAP = 8
+# Generated tokens per request: the bugs looked for are in reading input, not in long answers.
+TOKEN_CAP = int(os.environ.get("FUZZ_TOKEN_CAP", "4"))
 
 
 def clone_store(src: Path, dst: Path) -> Path:
