@@ -158,17 +158,19 @@ class Config:
         return limits.get("default"), limits.get("cap")
 
 
-_KEY_FILES: dict[Path, tuple[float, dict[str, str]]] = {}
+_KEY_FILES: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
 
 
 def _read_key_file(path: Path) -> dict[str, str]:
-    """``name: key`` lines (``#`` comments and blank lines skipped), cached by mtime."""
+    """``name: key`` lines (``#`` comments and blank lines skipped), cached until the file's
+    modification time or size changes."""
     try:
-        mtime = path.stat().st_mtime
+        st = path.stat()
     except OSError as exc:
         raise ConfigError(f"api_keys: cannot read the key file {path}: {exc}") from None
+    stamp = (st.st_mtime_ns, st.st_size)
     cached = _KEY_FILES.get(path)
-    if cached is not None and cached[0] == mtime:
+    if cached is not None and cached[0] == stamp:
         return cached[1]
     entries: dict[str, str] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -181,7 +183,7 @@ def _read_key_file(path: Path) -> dict[str, str]:
         if name.strip() in entries:
             raise ConfigError(f"api_keys: the name {name.strip()!r} appears twice in {path}")
         entries[name.strip()] = key.strip()
-    _KEY_FILES[path] = (mtime, entries)
+    _KEY_FILES[path] = (stamp, entries)
     return entries
 
 
