@@ -268,3 +268,33 @@ def test_request_timeout_ends_a_slow_generation_in_the_dialect(client, config, s
     assert all(s["state"] == "failed" for s in listing["recent"][:4])
     manager = client.application.extensions["ollama_server"].manager
     assert manager.queue.snapshot()[manager.resolve("tiny").name]["busy"] == 0
+
+
+# --- found by the fuzzer ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "tiny", "messages": [
+        {"role": "assistant", "content": "", "tool_calls": 1e-45}]}),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [
+        {"role": "assistant", "content": "", "tool_calls": [1e-45]}]}),
+    ("/tokenize", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}),
+    ("/v1/messages/count_tokens", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": "iVBORw0KGgo="}}]}]}),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "context": [1, 2],
+                       "images": ["iVBORw0KGgo="]}),
+    ("/api/generate", {"model": "tiny", "prompt": "x", "context": "not tokens"}),
+])
+def test_bodies_that_gave_500s(client, config, path, body):
+    resp = client.post(path, json=body, headers=ALICE)
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert_dialect_error(resp, path)
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions", "/embeddings",
+                                  "/api/chat/completions"])
+def test_openai_aliases_answer_openai_errors(client, config, path):
+    resp = client.post(path, data=b"{", headers={**ALICE, "Content-Type": "application/json"})
+    assert resp.status_code == 400
+    assert set(resp.get_json()["error"]) == {"message", "type", "param", "code"}
