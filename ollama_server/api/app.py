@@ -70,7 +70,9 @@ def create_app(config: Config, manager: ModelManager | None = None,
         request_id_var.set(rid)
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)  # a CORS preflight: headers added in _finish
-        check_access(config)  # every route is in security.ROUTE_ACCESS or needs a key
+        # Every route is in security.ROUTE_ACCESS or needs a key. The services' configuration
+        # is read per request: a reload that replaces it applies to the next request.
+        check_access(app.extensions["ollama_server"].config)
         return None
 
     @app.after_request

@@ -110,9 +110,16 @@ def client_gone_check() -> Callable[[], bool]:
     return gone
 
 
+# Characters that str.splitlines() (and so httpx's iter_lines(), which the ollama client reads
+# NDJSON with) takes for line ends; JSON leaves them raw unless escaped. Control characters
+# below 0x20 are always escaped by json.dumps.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
+                                "\u2029": "\\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    """Compact JSON for frames."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON for frames: one line for every line splitter, UTF-8 otherwise."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
 
 
 def sse_data(obj: Any) -> str:

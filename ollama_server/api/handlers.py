@@ -10,9 +10,10 @@ closed (a client that disconnects closes it, which cancels the generation in the
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,7 +266,7 @@ def _caller() -> str | None:
     return g.get("caller") if has_request_context() else None
 
 
-def _abandoned(cancel: Any) -> Any:
+def _abandoned(cancel: threading.Event) -> Callable[[], bool]:
     """True once the request is cancelled or its client hung up (checked while it queues)."""
     gone = client_gone_check() if has_request_context() else (lambda: False)
     return lambda: cancel.is_set() or gone()

@@ -111,7 +111,7 @@ def error_shape_problem(dialect: str, body: object) -> str | None:
 
 def stream_problem(dialect: str, text: str) -> str | None:
     """An error frame inside a 200 stream (TGI's validation events are TGI's own way)."""
-    for line in text.splitlines():
+    for line in text.split("\n"):  # SSE and NDJSON end lines with \n only
         payload = line[5:].strip() if line.startswith("data:") else line.strip()
         if not payload.startswith("{"):
             continue

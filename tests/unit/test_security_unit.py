@@ -3,6 +3,7 @@ edge validation, the slot queue, and the per-key limit."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -301,3 +302,13 @@ def test_per_key_limit_in_the_tracker():
     tracker.finish("a")
     tracker.start("d", "m", "openai", caller="alice", caller_limit=1)
     assert tracker.get("d").to_dict()["caller"] == "alice"
+
+
+def test_stream_frames_stay_one_line_for_every_line_splitter():
+    from ollama_server.api.common import dumps, ndjson_line, sse_data
+
+    obj = {"text": "a\x85b\u2028c\u2029d\x0be é😀"}
+    for frame in (ndjson_line(obj), sse_data(obj)):
+        lines = [line for line in frame.splitlines() if line]
+        assert len(lines) == 1, frame  # httpx's iter_lines() splits like str.splitlines()
+    assert json.loads(dumps(obj)) == obj and "é😀" in dumps(obj)
