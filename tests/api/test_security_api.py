@@ -298,3 +298,16 @@ def test_openai_aliases_answer_openai_errors(client, config, path):
     resp = client.post(path, data=b"{", headers={**ALICE, "Content-Type": "application/json"})
     assert resp.status_code == 400
     assert set(resp.get_json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_streams_stay_one_frame_per_line_with_unicode_line_breaks(client, config, script):
+    # U+0085 and U+2028 in text: httpx's iter_lines() (the ollama client) splits on them.
+    script.events = [TextDelta("a\x85b"), TextDelta("c\u2028d"),
+                     Finish("stop", Usage(prompt_tokens=1, completion_tokens=2))]
+    r = client.post("/api/chat", headers=ALICE, json={"model": "tiny", "messages": MSGS})
+    lines = r.get_data(as_text=True).splitlines()
+    assert "".join(json.loads(x)["message"]["content"] for x in lines) == "a\x85bc\u2028d"
+    r = client.post("/v1/chat/completions", headers=ALICE,
+                    json={"model": "tiny", "messages": MSGS, "stream": True})
+    frames = [x for x in r.get_data(as_text=True).splitlines() if x.startswith("data: {")]
+    assert all(json.loads(x[6:]) for x in frames)
