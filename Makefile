@@ -11,11 +11,12 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
-        test-fast lint bench bench-split clean rpc-worker
+        test-fast fuzz lint bench bench-split clean rpc-worker
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
 	@echo "make test   - set everything up and run the whole test suite"
+	@echo "make fuzz   - the long fuzz run: 20,000 request bodies against the real engine"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
 	@echo "make registry | lint | bench | bench-split"
 	@echo "make clean"
@@ -100,6 +101,20 @@ test: setup browser registry lint
 # Unit and Flask-client layers only (no engine): seconds.
 test-fast: venv
 	$(VPY) -m pytest tests/unit tests/api $(PYTEST_ARGS)
+
+# The property-based fuzzer of every dialect, long form (make test runs 200 bodies of it).
+# FUZZ_SEED picks the sequence; FUZZ_REPORT gets the counts as JSON while it runs.
+FUZZ_EXAMPLES ?= 20000
+FUZZ_SECONDS ?= 14400
+FUZZ_CONCURRENCY ?= 4
+FUZZ_TOKEN_CAP ?= 2
+FUZZ_REPORT ?= logs/fuzz-report.json
+fuzz: setup
+	@mkdir -p $(dir $(FUZZ_REPORT))
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	  FUZZ_CONCURRENCY=$(FUZZ_CONCURRENCY) FUZZ_TOKEN_CAP=$(FUZZ_TOKEN_CAP) \
+	  FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
+	  $(VPY) -m pytest tests/e2e/test_fuzz.py -p no:cacheprovider -o timeout=0 -s $(PYTEST_ARGS)
 
 bench: setup
 	$(VPY) bench/bench_overhead.py --model-dir $(MODELS)

@@ -57,7 +57,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 11435
     threads_http: int = 64  # gunicorn threads: concurrent requests and streams
-    api_key: str | None = None  # when set, /v1 and /api routes need it
+    api_key: str | None = None  # when set, every route but the public ones needs it
     # Browser origins allowed to call the API (glob patterns); Ollama's defaults: local pages
     # and desktop-app schemes. "*" allows every site.
     cors_origins: list[str] = field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
@@ -85,6 +85,18 @@ class Config:
     registry_auth: dict[str, str] = field(default_factory=dict)
     registry_concurrency: int = 4  # blobs one pull (or push) transfers at once
     registry_timeout: float = 60.0  # seconds a registry may stay silent before a retry
+
+    # --- issue 12: access control and limits ---------------------------------------------
+    # Read from this object on every request (never copied at start-up), so that a reload of
+    # the configuration applies them to the next request.
+    api_keys: dict[str, str] | str | None = None  # name → key, or a file of "name: key" lines
+    metrics_require_key: bool = False  # /metrics needs a key too (it is public by default)
+    max_queue: int = 512  # requests that may wait per model beyond its busy slots
+    max_requests_per_key: int = 0  # requests one key may have in flight at once; 0: no limit
+    # Generated tokens per model: {"<model>" or "*": {"default": n, "cap": n}}. "default" is
+    # used when a request sets no limit, "cap" lowers any larger request to it.
+    token_limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    max_json_depth: int = 64  # deepest nesting of arrays and objects a JSON body may have
 
     # --- derived paths -------------------------------------------------------------------
 
@@ -135,7 +147,53 @@ class Config:
             _check_split_settings(values, self.allow_public_rpc, prefix)
             checked[model] = values
         self.model_settings = checked
+        for key in ("max_queue", "max_requests_per_key"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be 0 or positive, got {getattr(self, key)}")
+        if self.max_json_depth < 8:
+            raise ConfigError(f"max_json_depth must be at least 8, got {self.max_json_depth}")
+        _check_token_limits(self.token_limits)
+        self.api_key_entries()  # a missing or malformed key file is a configuration error
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when keys are configured: every non-public route then needs one (an empty
+        key file lets nobody in rather than everybody)."""
+        return bool(self.api_key) or self.api_keys is not None
+
+    def api_key_entries(self) -> dict[str, str]:
+        """Every accepted API key by the name logs and metrics give its caller.
+
+        ``api_key`` is named ``default``; ``api_keys`` adds named keys, from the mapping or
+        from its file (read again whenever the file changes). ConfigError when malformed.
+        """
+        entries: dict[str, str] = {}
+        if self.api_key:
+            entries["default"] = self.api_key
+        keys = self.api_keys
+        if isinstance(keys, str):
+            keys = _read_key_file(_abs(keys))
+        for name, key in (keys or {}).items():
+            if not name or not key:
+                raise ConfigError(f"api_keys: every entry needs a name and a key, got "
+                                  f"{name!r}")
+            entries[name] = key
+        if len(set(entries.values())) < len(entries):
+            raise ConfigError("api_keys: two names share one key; give each caller its own")
+        return entries
+
+    def token_limit(self, model: str) -> tuple[int | None, int | None]:
+        """(default, cap) on generated tokens for ``model`` from ``token_limits`` (a name
+        without a tag means ``:latest``; ``*`` is every other model)."""
+        def plain(name: str) -> str:
+            name = name.strip().lower()
+            return name.removesuffix(":latest")
+
+        wanted = plain(model)
+        limits = next((v for k, v in self.token_limits.items() if plain(k) == wanted),
+                      self.token_limits.get("*") or {})
+        return limits.get("default"), limits.get("cap")
 
     def engine_overrides(self, model: str) -> dict[str, Any]:
         """The model_settings entry for ``model`` (matched like model names: case and a
@@ -145,6 +203,48 @@ class Config:
             return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
         wanted = norm(model)
         return next((v for k, v in self.model_settings.items() if norm(k) == wanted), {})
+
+
+_KEY_FILES: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
+
+
+def _read_key_file(path: Path) -> dict[str, str]:
+    """``name: key`` lines (``#`` comments and blank lines skipped), cached until the file's
+    modification time or size changes."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"api_keys: cannot read the key file {path}: {exc}") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _KEY_FILES.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    entries: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, key = line.partition(":")
+        if not sep or not name.strip() or not key.strip():
+            raise ConfigError(f"api_keys: line {number} of {path} is not 'name: key'")
+        if name.strip() in entries:
+            raise ConfigError(f"api_keys: the name {name.strip()!r} appears twice in {path}")
+        entries[name.strip()] = key.strip()
+    _KEY_FILES[path] = (stamp, entries)
+    return entries
+
+
+def _check_token_limits(limits: dict[str, dict[str, int]]) -> None:
+    for model, spec in limits.items():
+        if not isinstance(spec, dict) or not spec or set(spec) - {"default", "cap"}:
+            raise ConfigError(f"token_limits: {model!r} needs 'default' and/or 'cap', got "
+                              f"{spec!r}")
+        for kind, value in spec.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"token_limits: {model}.{kind} must be a positive integer, "
+                                  f"got {value!r}")
+        if spec.get("default") and spec.get("cap") and spec["default"] > spec["cap"]:
+            raise ConfigError(f"token_limits: {model}.default is above its cap")
 
 
 MODEL_SETTING_KEYS = ("rpc_servers", "tensor_split", "gpu_layers", "main_gpu", "fit_target_mib")
@@ -194,8 +294,10 @@ def _coerce(key: str, value: Any, prefix: str = "") -> Any:
                                                                                 "null")):
             if "None" in kind:
                 return None
-            if key in ("rpc_servers", "model_settings"):  # an empty YAML key: none
-                return [] if key == "rpc_servers" else {}
+            if kind.startswith("list"):  # an empty YAML key: none
+                return []
+            if kind.startswith("dict"):
+                return {}
             raise ValueError("a value is required")
         if key == "tensor_split":
             if isinstance(value, str):
@@ -207,12 +309,8 @@ def _coerce(key: str, value: Any, prefix: str = "") -> Any:
             if isinstance(value, str):
                 return [v for v in value.split(os.pathsep) if v]
             return [str(v) for v in value]
-        if key == "model_settings":
-            if isinstance(value, str):  # from the environment: YAML or JSON
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise ValueError("expected a mapping of model name to settings")
-            return {str(k): v for k, v in value.items()}
+        if key in ("api_keys", "token_limits", "model_settings"):
+            return _coerce_mapping(key, value)
         if key in ("cors_origins", "rpc_servers", "registry_insecure"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
@@ -247,6 +345,29 @@ def _coerce(key: str, value: Any, prefix: str = "") -> Any:
         raise ConfigError(f"invalid value for {prefix}{key}: {value!r} ({exc})") from None
 
 
+def _coerce_mapping(key: str, value: Any) -> Any:
+    """``api_keys`` / ``token_limits`` / ``model_settings`` from YAML, or from an env/CLI
+    string holding YAML or JSON (a plain string for ``api_keys`` is the path of its key file)."""
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if key == "api_keys" and not isinstance(parsed, (dict, list)):
+            return value.strip()
+        value = parsed
+    if key == "api_keys" and isinstance(value, list):  # ["name: key", ...]
+        pairs = [str(item).partition(":") for item in value]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("expected 'name: key' entries")
+        value = {name.strip(): key_.strip() for name, _, key_ in pairs}
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping")
+    if key == "api_keys":
+        return {str(k): str(v) for k, v in value.items()}
+    return {str(k): v for k, v in value.items()}
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 environ: dict[str, str] | None = None) -> Config:
     """Build the configuration from the YAML file, the environment, and ``overrides``."""
@@ -270,6 +391,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             values[key] = _coerce(key, value)
     if environ.get("OLLAMA_MODELS") and ENV_PREFIX + "MODELS_DIR" not in environ:
         values["models_dir"] = environ["OLLAMA_MODELS"]
+    if environ.get("OLLAMA_MAX_QUEUE") and ENV_PREFIX + "MAX_QUEUE" not in environ:
+        values["max_queue"] = _coerce("max_queue", environ["OLLAMA_MAX_QUEUE"])
     if environ.get("OLLAMA_ORIGINS"):  # Ollama's variable adds to the allowed origins
         values["cors_origins"] = [*values.get("cors_origins", DEFAULT_CORS_ORIGINS),
                                   *_coerce("cors_origins", environ["OLLAMA_ORIGINS"])]

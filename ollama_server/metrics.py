@@ -50,7 +50,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .core.request_tracker import RequestTracker
 from .core.schemas import RequestState, RequestStatus
@@ -130,6 +130,13 @@ class ServiceMetrics:
                                        registry=r)
         self.tgi_input = Histogram("tgi_request_input_length", "Input tokens per request",
                                    buckets=TOKEN_BUCKETS, registry=r)
+        # Callers by the name of their API key (never the key).
+        self.key_requests = Counter("ollama_server_key_requests",
+                                    "Finished requests by API key name", ["key", "status"],
+                                    registry=r)
+        self.key_refused = Counter("ollama_server_key_refused",
+                                   "Requests refused over the per-key limit "
+                                   "(max_requests_per_key)", ["key"], registry=r)
         self._lock = threading.Lock()
         self._tgi_count = 0
         self._tgi_success = 0
@@ -152,6 +159,8 @@ class ServiceMetrics:
             self.vllm_ttft.labels(model).observe(seconds)
         elif event == "finish":
             self._finished(status)
+        elif event == "refused" and status.caller:
+            self.key_refused.labels(status.caller).inc()
 
     def _finished(self, status: RequestStatus) -> None:
         model, dialect = status.model, status.dialect
@@ -170,6 +179,8 @@ class ServiceMetrics:
         if status.state == RequestState.COMPLETED:
             with self._lock:
                 self._tgi_success += 1
+        if status.caller:
+            self.key_requests.labels(status.caller, status.state.value).inc()
         # An engine that restarted may be unloaded before the next scrape: count it now.
         self.engine_restarts()
 
@@ -261,6 +272,8 @@ class _LiveCollector:
             metric.add_sample(name, {}, value)
             yield metric
 
+        yield from queue_metrics(m.manager)
+
         loaded_g = GaugeMetricFamily("ollama_server_models_loaded", "Models with an engine")
         loaded_g.add_metric([], len(loaded))
         yield loaded_g
@@ -317,6 +330,30 @@ class _LiveCollector:
                 total.add_metric([str(gpu.index), gpu.name], gpu.total_mib * MIB)
             yield used
             yield total
+
+
+def queue_metrics(manager: Any) -> Iterator[Metric]:
+    """The slot queues of the models (max_queue): length, busy slots, refusals, departures."""
+    try:
+        queues = manager.queue.snapshot()
+    except AttributeError:  # a manager without queues (unit tests' stand-ins)
+        return
+    length = GaugeMetricFamily("ollama_server_queue_length",
+                               "Requests waiting for a slot of the model", labels=["model"])
+    busy = GaugeMetricFamily("ollama_server_slots_busy", "Slots of the model in use",
+                             labels=["model"])
+    refused = CounterMetricFamily("ollama_server_queue_refused",
+                                  "Requests refused because the model's queue was full "
+                                  "(max_queue) or the wait ran past request_timeout",
+                                  labels=["model"])
+    abandoned = CounterMetricFamily("ollama_server_queue_abandoned",
+                                    "Queued requests whose client went away", labels=["model"])
+    for name, q in queues.items():
+        length.add_metric([name], q["waiting"])
+        busy.add_metric([name], q["busy"])
+        refused.add_metric([name], q["refused"])
+        abandoned.add_metric([name], q["abandoned"])
+    yield from (length, busy, refused, abandoned)
 
 
 # --- tokens/s over time (the dashboard's chart) ---------------------------------------------

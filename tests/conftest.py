@@ -117,3 +117,28 @@ def service(tmp_path_factory, real_models, engine_binary):
 def base_url(service) -> str:
     """Base URL of the shared real service."""
     return service.base_url
+
+
+# Issue 12: a service that needs keys, with few slots and a short queue (OLLAMA_MAX_QUEUE).
+SERVICE_KEYS = {"alice": "sk-alice-e2e-5f1c0b", "bob": "sk-bob-e2e-93d7aa"}
+KEYED_PARALLEL = 2
+KEYED_MAX_QUEUE = 4
+
+
+@pytest.fixture(scope="session")
+def keyed_service(tmp_path_factory, real_models, engine_binary):
+    """The real service with two named API keys (a key file), 2 slots per model and a queue
+    of 4 (set through Ollama's OLLAMA_MAX_QUEUE), shared by the security tests."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    keyfile = tmp / "api-keys"
+    keyfile.write_text("".join(f"{name}: {key}\n" for name, key in SERVICE_KEYS.items()))
+    svc = ServiceProcess(tmp, real_models, args=["--parallel", str(KEYED_PARALLEL)],
+                         extra_env={"OLLAMA_SERVER_API_KEYS": str(keyfile),
+                                    "OLLAMA_MAX_QUEUE": str(KEYED_MAX_QUEUE)})
+    try:
+        svc.wait_ready()
+    except BaseException:
+        svc.stop()
+        raise
+    yield svc
+    assert svc.stop() == 0, svc.log()

@@ -18,7 +18,7 @@ from typing import Any
 import requests
 
 from ollama_server.core.errors import ServiceError
-from ollama_server.core.executor import EngineState
+from ollama_server.core.executor import EngineSettings, EngineState
 from ollama_server.core.schemas import Event, Finish, InternalRequest, TextDelta, Usage
 from ollama_server.models.store import MEDIA_PREFIX, ModelName, OllamaStore
 
@@ -80,6 +80,7 @@ class Script:
     error: ServiceError | None = None
     fail_after: int | None = None
     mid_error: ServiceError | None = None
+    delay: float = 0.0  # seconds before each event (a slow engine)
 
 
 class FakeStream:
@@ -93,6 +94,8 @@ class FakeStream:
         for i, event in enumerate(self.script.events):
             if self.script.fail_after is not None and i >= self.script.fail_after:
                 raise self.script.mid_error or ServiceError("engine crashed")
+            if self.script.delay:
+                time.sleep(self.script.delay)
             yield copy.deepcopy(event)  # each stream its own objects, as from the engine
 
     def close(self) -> None:
@@ -114,6 +117,7 @@ class FakeExecutor:
         self.restarts = 0
         self.prompt_opens_think = False
         self.embedding = [0.1, 0.2, 0.3]
+        self.settings = EngineSettings(binary=Path("/bin/true"))
 
     def ensure_ready(self) -> float:
         self.state = EngineState.READY

@@ -28,6 +28,7 @@ from ..core.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
 )
 from ..core.schemas import (
@@ -665,7 +666,8 @@ def anthropic_models_page(infos: list[Any], args: Any) -> dict[str, Any]:
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-               429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+               429: "rate_limit_error", 500: "api_error", 504: "timeout_error",
+               529: "overloaded_error"}
 
 
 def anthropic_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
@@ -682,6 +684,8 @@ def anthropic_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
         status = exc.status if 400 <= exc.status < 500 else 400  # 405 stays 405
     elif exc.status in (403, 429, 503):  # 503: an engine dependency is down, retry later
         status = exc.status
+    elif isinstance(exc, RequestTimeout):
+        status = 504
     else:
         status = 500
     message = exc.message

@@ -23,6 +23,8 @@ from ..core.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
     ServiceError,
 )
 from ..core.schemas import (
@@ -502,8 +504,13 @@ def openai_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
     elif isinstance(exc, PayloadTooLarge):
         code = "request_too_large"
     elif isinstance(exc, Overloaded):
-        kind = "server_overloaded"
+        kind = "server_overloaded"  # 429, as vLLM's and OpenAI's SDKs retry it
+    elif isinstance(exc, RateLimited):
+        kind, code = "requests", "rate_limit_exceeded"
+    elif isinstance(exc, RequestTimeout):
+        kind, code = "server_error", "timeout"
     elif not isinstance(exc, InvalidRequest):
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    status = 429 if isinstance(exc, Overloaded) else exc.status
     return ({"error": {"message": message, "type": kind, "param": exc.param, "code": code}},
-            exc.status)
+            status)

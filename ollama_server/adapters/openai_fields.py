@@ -60,8 +60,12 @@ def parse_messages(raw: Any) -> list[Message]:
         images: list[str] = []
         msg = Message(role=role, content=content_text(m.get("content"), images, where),
                       images=images)
-        for j, tc in enumerate(m.get("tool_calls") or []):
-            fn = tc.get("function") or {} if isinstance(tc, dict) else {}
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(tc, dict) for tc in calls):
+            raise InvalidRequest(f"{where}.tool_calls must be a list of objects",
+                                 param="messages")
+        for j, tc in enumerate(calls):
+            fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
             args = fn.get("arguments", "{}")
             if not isinstance(args, str):
                 args = json.dumps(args)

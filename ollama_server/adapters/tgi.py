@@ -26,6 +26,8 @@ from ..core.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
     ServiceError,
 )
 from ..core.schemas import Event, Finish, InternalRequest, ReasoningDelta, TextDelta, TokenInfo
@@ -412,5 +414,9 @@ def tgi_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
         return {"error": exc.message, "error_type": "payload_too_large"}, 413
     if isinstance(exc, Cancelled):
         return {"error": exc.message, "error_type": "incomplete_generation"}, 500
+    if isinstance(exc, RateLimited):  # text_generation raises RateLimitExceededError on 429
+        return {"error": exc.message, "error_type": "rate_limit"}, 429
+    if isinstance(exc, RequestTimeout):  # ... and ShardTimeoutError on 504
+        return {"error": exc.message, "error_type": "timeout"}, 504
     return ({"error": f"Request failed during generation: {exc.message}",
              "error_type": "generation"}, 424)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import hmac
 import importlib
 import logging
 import uuid
@@ -13,7 +12,6 @@ from werkzeug.exceptions import HTTPException
 
 from ..config import Config
 from ..core.errors import (
-    AuthenticationError,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -25,6 +23,7 @@ from ..models.manager import ModelManager
 from ..utils.logging import isolate_request_context, request_id_var
 from .common import as_service_error, error_response
 from .handlers import Services
+from .security import check_access
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def _register_blueprints(app: Flask) -> None:
 def create_app(config: Config, manager: ModelManager | None = None,
                tracker: RequestTracker | None = None) -> Flask:
     """Build the app; ``manager`` and ``tracker`` may be injected (tests)."""
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no static files: not a route to guard
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
@@ -71,14 +70,10 @@ def create_app(config: Config, manager: ModelManager | None = None,
         request_id_var.set(rid)
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)  # a CORS preflight: headers added in _finish
-        if config.api_key and (request.path.startswith("/v1/") or
-                               request.path.startswith("/api/")):
-            given = request.headers.get("x-api-key") or ""
-            auth = request.headers.get("Authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-                raise AuthenticationError("invalid or missing API key")
+        # Every route is in security.ROUTE_ACCESS or needs a key. The services' configuration
+        # is read per request: a reload that replaces it applies to the next request.
+        check_access(app.extensions["ollama_server"].config)
+        return None
 
     @app.after_request
     def _finish(resp: Response) -> Response:

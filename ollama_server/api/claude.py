@@ -66,7 +66,7 @@ def count_tokens() -> Response:
     """``{input_tokens}``: the model's tokenizer over the prompt the engine would build."""
     body = json_body()
     req = ca.anthropic_messages_to_internal(body, require_max_tokens=False)
-    with with_engine(req.model) as (engine, info):
+    with with_engine(req.model, template_of=req) as (engine, info):
         apply_model_defaults(req, info)  # the model's system prompt is part of what it sees
         prompt = engine.apply_template(req)
         tokens = engine.tokenize(prompt, add_special=True)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import select
+import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Response, request
+from flask import Response, current_app, request
 
 from ..core.errors import InvalidRequest, ServiceError
+from .validation import parse_json_body
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,12 @@ def register_error_formatter(dialect: str, formatter: ErrorFormatter) -> None:
     ERROR_FORMATTERS[dialect] = formatter
 
 
+# OpenAI routes outside /v1/ (clients that leave the /v1 out of their base URL, and Open WebUI's
+# /api/chat/completions): their errors are OpenAI's, not Ollama's.
+OPENAI_ALIASES = frozenset({"/chat/completions", "/completions", "/embeddings",
+                            "/api/chat/completions"})
+
+
 def dialect_for_request(path: str | None = None, method: str | None = None,
                         headers: Any = None) -> str:
     """Which API a request belongs to, from its path (and a few headers) alone."""
@@ -38,6 +47,8 @@ def dialect_for_request(path: str | None = None, method: str | None = None,
     if path.startswith("/v1/messages") or (
             path.startswith("/v1/models") and headers.get("anthropic-version")):
         return "anthropic"
+    if path in OPENAI_ALIASES:
+        return "openai"
     if path.startswith("/api/"):
         return "ollama"
     if path in ("/generate", "/generate_stream", "/info") or (path == "/" and method == "POST"):
@@ -58,6 +69,11 @@ def error_response(exc: ServiceError, dialect: str | None = None) -> Response:
     resp = Response(json.dumps(body), status=status, mimetype="application/json")
     if status >= 500:
         resp.headers["x-should-retry"] = "false" if status == 500 else "true"
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="ollama-server"'
     return resp
 
 
@@ -66,18 +82,44 @@ def json_body() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw or not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    body = parse_json_body(raw, current_app.extensions["ollama_server"].config.max_json_depth)
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body
 
 
+def client_gone_check() -> Callable[[], bool]:
+    """A cheap test, usable while the request waits, of whether its client hung up.
+
+    The request body has been read, so a readable socket that yields no bytes has been
+    closed by the client. Without a socket (the Flask test client) it is always False.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return lambda: False
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
+
+    return gone
+
+
+# Characters that str.splitlines() (and so httpx's iter_lines(), which the ollama client reads
+# NDJSON with) takes for line ends; JSON leaves them raw unless escaped. Control characters
+# below 0x20 are always escaped by json.dumps.
+_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
+                                "\u2029": "\\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    """Compact JSON for frames."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON for frames: one line for every line splitter, UTF-8 otherwise."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
 
 
 def sse_data(obj: Any) -> str:

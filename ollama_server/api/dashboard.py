@@ -1,10 +1,14 @@
 """The live dashboard: ``GET /dashboard`` (one self-contained page: inline CSS and JavaScript,
 no external assets) and ``GET /dashboard/data`` (the JSON it polls every second).
 
+When the service has API keys, the page asks for one once and keeps it in the tab
+(``sessionStorage``, never in the URL), sending it with each poll of ``/dashboard/data``.
+
 The page shows the loaded models (context, size, keep-alive expiry, engine pid and port, GPU
-memory or "no GPU"), the requests in flight with a progress bar each (tokens generated against
-their limit), tokens/s, time to first token, dialect and model, the recent finished requests
-with status and latency, the totals, and tokens/s over the last five minutes as an SVG chart.
+memory or "no GPU", requests waiting in the model's queue), the requests in flight with a
+progress bar each (tokens generated against their limit), tokens/s, time to first token, dialect,
+model and caller, the recent finished requests with status and latency, the totals, and tokens/s
+over the last five minutes as an SVG chart.
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ def dashboard_state() -> dict:
         available = []
     totals = dict(tracker.totals)
     totals["in_flight"] = len(active)
+    queues = svc.manager.queue.snapshot()
+    totals["queued"] = sum(q["waiting"] for q in queues.values())
+    totals["refused"] = sum(q["refused"] for q in queues.values())
     return {
         "time": time.time(),
         "uptime_s": round(time.time() - STARTED_AT, 1),
         "default_model": svc.config.default_model,
         "models_available": available,
         "models": loaded_models_view(gpu),
+        "queues": queues,
+        "max_queue": svc.config.max_queue,
         "gpu": None if gpu is None else gpu.to_dict(),
         "active": [s.to_dict() for s in active],
         "recent": [s.to_dict() for s in history[:RECENT_ROWS]],
@@ -124,6 +133,12 @@ tr:last-child td { border-bottom:0; }
 .nums b { color:var(--fg); font-weight:600; }
 .err { color:var(--bad); font-size:12px; overflow-wrap:anywhere; }
 svg { width:100%; height:160px; display:block; }
+#keyform { display:flex; flex-wrap:wrap; gap:8px; align-items:center; }
+#keyform[hidden] { display:none; }
+#keyform input { font:inherit; padding:4px 8px; border:1px solid var(--line); border-radius:6px;
+  background:var(--bg); color:var(--fg); }
+#keyform button { font:inherit; padding:4px 12px; border:0; border-radius:6px;
+  background:var(--accent); color:#fff; cursor:pointer; }
 .chart-axis { fill:var(--muted); font-size:11px; }
 @media (max-width: 860px) {
   main { grid-template-columns: minmax(0,1fr); padding:12px; gap:12px; }
@@ -142,6 +157,12 @@ svg { width:100%; height:160px; display:block; }
   <h1>ollama-server</h1>
   <span id="conn" class="pill">connecting</span>
   <span class="meta" id="meta"></span>
+  <form id="keyform" hidden>
+    <label for="apikey">API key</label>
+    <input id="apikey" type="password" autocomplete="off" required>
+    <button type="submit">Show</button>
+    <span class="err" id="keyerr"></span>
+  </form>
 </header>
 <main>
   <section class="wide"><h2>Totals</h2><div class="totals" id="totals"></div></section>
@@ -187,6 +208,7 @@ function renderTotals(d) {
   const t = d.totals, series = d.throughput.tokens_per_second;
   const live = d.active.reduce((a, r) => a + (r.tokens_per_second || 0), 0);
   const stats = [["Requests", num(t.requests)], ["In flight", num(t.in_flight)],
+    ["Queued", num(t.queued)], ["Refused (queue full)", num(t.refused), t.refused ? "bad" : ""],
     ["Generated tokens", num(t.generated_tokens)], ["Prompt tokens", num(t.prompt_tokens)],
     ["Errors", num(t.errors), t.errors ? "bad" : ""],
     ["Tokens/s now", num(live || series[series.length - 1] || 0, 1)]];
@@ -204,6 +226,7 @@ function renderActive(d) {
       '<div class="top"><span class="model">' + esc(r.model) + "</span>" +
       '<span class="badge ' + esc(r.state) + '">' + esc(r.state) + "</span>" +
       "<span>" + esc(r.dialect) + " · " + esc(r.endpoint) + (r.stream ? " · stream" : "") +
+      (r.caller ? " · key " + esc(r.caller) : "") +
       '</span><span class="mono">' + esc(r.id) + "</span></div>" +
       '<div class="bar' + (pct == null ? " open" : "") + '"><span style="width:' + (pct || 0) +
       '%"></span></div><div class="nums"><span><b class="tokens">' + num(r.tokens_generated) +
@@ -223,6 +246,9 @@ function renderModels(d) {
       m.state === "failed" ? "failed" : "") + '">' + esc(m.state) + "</span>"],
     ["Context", (m) => num(m.context_length)],
     ["Size", (m) => bytes(m.size)],
+    ["Queue", (m) => { const q = (d.queues || {})[m.name] || {};
+      return num(q.waiting || 0) + " / " + num(d.max_queue) +
+        (q.refused ? ' <span class="meta">' + num(q.refused) + " refused</span>" : ""); }],
     ["Keep-alive", (m) => m.in_flight ? "in use (" + m.in_flight + ")" :
       m.expires_in_s == null ? "never expires" : "expires in " + dur(m.expires_in_s)],
     ["Engine", (m) => m.pid ? '<span class="mono">pid ' + m.pid + "</span> " +
@@ -245,7 +271,8 @@ function renderRecent(d) {
     ["Status", (r) => '<span class="badge ' + esc(r.state) + '">' + esc(r.state) + "</span>" +
       (r.error ? '<div class="err">' + esc(r.error) + "</div>" : "")],
     ["Model", (r) => esc(r.model)],
-    ["API", (r) => esc(r.dialect) + ' <span class="meta">' + esc(r.endpoint) + "</span>"],
+    ["API", (r) => esc(r.dialect) + ' <span class="meta">' + esc(r.endpoint) +
+      (r.caller ? " · key " + esc(r.caller) : "") + "</span>"],
     ["Tokens", (r) => num(r.prompt_tokens) + " → " + num(r.tokens_generated) +
       (r.finish_reason ? ' <span class="meta">' + esc(r.finish_reason) + "</span>" : "")],
     ["Latency", (r) => dur(r.elapsed_s)],
@@ -279,16 +306,41 @@ function render(d) {
   $("meta").textContent = "up " + dur(d.uptime_s) + " · default model " + d.default_model +
     " · updated " + new Date(d.time * 1000).toLocaleTimeString();
 }
+// The API key, when the service has keys: asked once, kept for this tab only (sessionStorage),
+// sent in a header; never put in the URL.
+const KEY_ITEM = "ollama-server-api-key";
+function askForKey(message) {
+  $("conn").textContent = "API key needed"; $("conn").className = "pill down";
+  $("keyerr").textContent = message || "";
+  $("keyform").hidden = false;
+  $("apikey").focus();
+}
+$("keyform").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem(KEY_ITEM, $("apikey").value.trim());
+  $("apikey").value = "";
+  $("keyform").hidden = true;
+  poll();
+});
+let timer = null;
 async function poll() {
+  clearTimeout(timer);
+  const key = sessionStorage.getItem(KEY_ITEM);
+  const headers = key ? {"Authorization": "Bearer " + key} : {};
   try {
-    const resp = await fetch(DATA_URL, {cache: "no-store"});
+    const resp = await fetch(DATA_URL, {cache: "no-store", headers});
+    if (resp.status === 401) {
+      sessionStorage.removeItem(KEY_ITEM);
+      askForKey(key ? "that key was refused; try again" : "");
+      return;  // polling resumes once a key is given
+    }
     if (!resp.ok) throw new Error("HTTP " + resp.status);
     render(await resp.json());
     $("conn").textContent = "live"; $("conn").className = "pill";
   } catch (e) {
     $("conn").textContent = "disconnected: " + e.message; $("conn").className = "pill down";
   }
-  setTimeout(poll, 1000);
+  timer = setTimeout(poll, 1000);
 }
 poll();
 </script>

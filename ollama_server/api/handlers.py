@@ -15,14 +15,21 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import current_app, g, has_request_context
 
 from ..config import Config
-from ..core.errors import Cancelled, ContextLengthExceeded, ServiceError, Unsupported
+from ..core.errors import (
+    Cancelled,
+    ContextLengthExceeded,
+    EngineFailed,
+    RequestTimeout,
+    ServiceError,
+    Unsupported,
+)
 from ..core.executor import EngineStream, LLAMAExecutor
 from ..core.min_tokens import open_stream
 from ..core.request_tracker import RequestTracker
@@ -46,6 +53,8 @@ from ..core.tool_fallback import prepare as prepare_generic_tools
 from ..models.manager import ModelManager
 from ..models.schemas import ModelInfo
 from ..utils.response_processing import ThinkSplitter, reasoning_mode
+from .common import client_gone_check
+from .validation import fit_embedding_inputs, fit_request_to_engine
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,11 @@ def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
 def _check_capabilities(req: InternalRequest, info: ModelInfo) -> None:
     if info.is_embedding_only:
         raise Unsupported(f"\"{info.name}\" does not support generate")
+    _check_images(req, info)
+
+
+def _check_images(req: InternalRequest, info: ModelInfo) -> None:
+    # Before any template or generation: llama-server fails with a 500 on images it cannot see.
     wants_images = any(m.images for m in req.messages or [])
     if wants_images and info.projector is None:
         raise Unsupported(f"\"{info.name}\" does not support images: the model has no vision "
@@ -137,16 +151,36 @@ class Generation:
         self._extract_tools = extract_tools
         self.finish: Finish | None = None
         self.finishes: dict[int, Finish] = {}
+        # request_timeout bounds the whole generation, not only the engine's silences.
+        self._timeout = svc.config.request_timeout
+        self._deadline = time.monotonic() + self._timeout
 
     @property
     def request_id(self) -> str:
         """The tracked request id."""
         return self.req.request_id
 
+    def _timed_out(self) -> RequestTimeout:
+        return RequestTimeout(f"the generation ran past request_timeout ({self._timeout:g} s) "
+                              f"and was stopped; ask for fewer tokens, or raise "
+                              f"request_timeout in the service's configuration")
+
+    def _timed(self, stream: Any) -> Iterator[Event]:
+        try:
+            for event in stream:
+                yield event
+                if time.monotonic() > self._deadline:
+                    raise self._timed_out()
+        except EngineFailed as exc:
+            # The engine went silent for request_timeout: the read timed out.
+            if time.monotonic() >= self._deadline:
+                raise self._timed_out() from exc
+            raise
+
     def _tracked(self, stream: Any) -> Iterator[Event]:
         tracker = self.svc.tracker
         rid = self.req.request_id
-        for event in stream:
+        for event in self._timed(stream):
             if self._cancel.is_set():
                 raise Cancelled("the request was cancelled")
             if isinstance(event, TextDelta):
@@ -257,7 +291,10 @@ class Generation:
             finish_reason=self.finish.reason if self.finish else None,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None)
-        log.info("request %s %s: %s", self.req.request_id, state.value,
+        status = self.svc.tracker.get(self.req.request_id)
+        caller = status.caller if status is not None else None
+        log.info("request %s %s%s: %s", self.req.request_id, state.value,
+                 f" (key {caller})" if caller else "",
                  error or (self.finish.reason if self.finish else ""))
 
     def close(self) -> None:
@@ -305,6 +342,24 @@ def _adopt_request_id(req: InternalRequest, svc: Services) -> None:
         req.request_id = rid
 
 
+def _caller() -> str | None:
+    """The name of the API key the current request came with (None: no keys, or no request)."""
+    return g.get("caller") if has_request_context() else None
+
+
+def _abandoned(cancel: threading.Event) -> Callable[[], bool]:
+    """True once the request is cancelled or its client hung up (checked while it queues)."""
+    gone = client_gone_check() if has_request_context() else (lambda: False)
+    return lambda: cancel.is_set() or gone()
+
+
+def _finish_failed(tracker: RequestTracker, rid: str, exc: BaseException) -> None:
+    """End the tracking of a request that failed before its answer began."""
+    message = exc.message if isinstance(exc, ServiceError) else str(exc)
+    state = RequestState.CANCELLED if isinstance(exc, Cancelled) else RequestState.FAILED
+    tracker.finish(rid, state=state, error=message)
+
+
 def start_generation(req: InternalRequest, endpoint: str, svc: Services | None = None
                      ) -> Generation:
     """Resolve, load, send, and wait for the engine's first result; raise typed errors."""
@@ -314,17 +369,20 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
     info = svc.manager.resolve(req.model)
     apply_model_defaults(req, info)
     _check_capabilities(req, info)
+    fit_request_to_engine(req, info, svc.config)
     extract_tools = None
     if req.tools and not template_supports_tools(info.chat_template):
         extract_tools = prepare_generic_tools(req)
     tracker = svc.tracker
     cancel = tracker.start(req.request_id, info.name, req.dialect, endpoint=endpoint,
                            stream=req.stream,
-                           max_tokens=req.max_tokens * req.n if req.max_tokens else None)
+                           max_tokens=req.max_tokens * req.n if req.max_tokens else None,
+                           caller=_caller(), caller_limit=svc.config.max_requests_per_key)
     acquired = False
     try:
-        tracker.set_state(req.request_id, RequestState.LOADING)
-        engine, load_s = svc.manager.acquire(info, req.num_ctx)
+        engine, load_s = svc.manager.acquire(
+            info, req.num_ctx, abandoned=_abandoned(cancel),
+            admitted=lambda: tracker.set_state(req.request_id, RequestState.LOADING))
         acquired = True
         tracker.set_state(req.request_id, RequestState.PROCESSING)
         if req.stop_token_ids:
@@ -349,52 +407,63 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
     except BaseException as exc:
         if acquired:
             svc.manager.release(info.name, req.keep_alive)
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
-        tracker.finish(req.request_id, state=RequestState.FAILED, error=message)
+        _finish_failed(tracker, req.request_id, exc)
         raise
     return Generation(svc, req, info, engine, stream, load_s, cancel, started, extract_tools)
 
 
 def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str,
-                   keep_alive: float | None = None, svc: Services | None = None
-                   ) -> tuple[list[list[float]], int, ModelInfo, float]:
-    """(vectors, prompt tokens, model, load seconds) for a list of inputs, tracked."""
+                   keep_alive: float | None = None, svc: Services | None = None,
+                   truncate: bool = False) -> tuple[list[list[float]], int, ModelInfo, float]:
+    """(vectors, prompt tokens, model, load seconds) for a list of inputs, tracked.
+
+    An input longer than the engine can embed is cut to fit with ``truncate``, else a 400.
+    """
     svc = svc or services()
     info = svc.manager.resolve(model)
     rid = uuid.uuid4().hex
-    svc.tracker.start(rid, info.name, dialect, endpoint=endpoint)
+    cancel = svc.tracker.start(rid, info.name, dialect, endpoint=endpoint, caller=_caller(),
+                               caller_limit=svc.config.max_requests_per_key)
     try:
-        engine, load_s = svc.manager.acquire(info)
+        engine, load_s = svc.manager.acquire(info, abandoned=_abandoned(cancel))
         try:
-            vectors, tokens = engine.embed(inputs)
+            vectors, tokens = engine.embed(fit_embedding_inputs(inputs, engine, truncate))
         finally:
             svc.manager.release(info.name, keep_alive)
     except BaseException as exc:
-        message = exc.message if isinstance(exc, ServiceError) else str(exc)
-        svc.tracker.finish(rid, state=RequestState.FAILED, error=message)
+        _finish_failed(svc.tracker, rid, exc)
         raise
     svc.tracker.finish(rid, prompt_tokens=tokens, completion_tokens=0)
     return vectors, tokens, info, load_s
 
 
-def with_engine(model: str, svc: Services | None = None,
-                num_ctx: int | None = None) -> "_EngineUse":
-    """``with with_engine(name) as (engine, info):`` for tokenize, templates and counts."""
-    return _EngineUse(svc or services(), model, num_ctx)
+def with_engine(model: str, svc: Services | None = None, num_ctx: int | None = None,
+                template_of: InternalRequest | None = None) -> "_EngineUse":
+    """``with with_engine(name) as (engine, info):`` for tokenize, templates and counts.
+
+    ``template_of``: a chat request whose template will be applied; refused (400) first when
+    it holds images the model cannot see.
+    """
+    return _EngineUse(svc or services(), model, num_ctx, template_of)
 
 
 class _EngineUse:
-    def __init__(self, svc: Services, model: str, num_ctx: int | None) -> None:
+    def __init__(self, svc: Services, model: str, num_ctx: int | None,
+                 template_of: InternalRequest | None) -> None:
         self.svc = svc
         self.model = model
         self.num_ctx = num_ctx
+        self.template_of = template_of
         self.info: ModelInfo | None = None
 
     def __enter__(self) -> tuple[LLAMAExecutor, ModelInfo]:
-        self.info = self.svc.manager.resolve(self.model)
-        engine, _ = self.svc.manager.acquire(self.info, self.num_ctx)
+        info = self.svc.manager.resolve(self.model)
+        if self.template_of is not None:
+            _check_images(self.template_of, info)
+        self.info = info
+        engine, _ = self.svc.manager.acquire(self.info, self.num_ctx, slot=False)
         return engine, self.info
 
     def __exit__(self, *exc: Any) -> None:
         if self.info is not None:
-            self.svc.manager.release(self.info.name)
+            self.svc.manager.release(self.info.name, slot=False)

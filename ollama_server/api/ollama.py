@@ -45,6 +45,7 @@ from .handlers import (
     start_generation,
     with_engine,
 )
+from .validation import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def _load_or_unload(model: str, info: ModelInfo, req: InternalRequest, chat: boo
 
 def _prepend_context(req: InternalRequest, context: list[int], svc: Services) -> None:
     """The deprecated ``context`` field: earlier tokens go before this prompt, sent raw."""
-    with with_engine(req.model, svc) as (engine, info):
+    with with_engine(req.model, svc, template_of=req) as (engine, info):
         apply_model_defaults(req, info)
         text = engine.apply_template(req) if req.is_chat else str(req.prompt or "")
-        req.prompt = engine.detokenize(context) + text
+        req.prompt = engine.detokenize(check_token_ids(context, info, "context")) + text
         req.messages = None
         req.raw = True
 
@@ -204,7 +205,8 @@ def embed() -> Response:
         svc.manager.release(info.name, keep_alive)
         return jsonify({"model": model, "embeddings": []})
     vectors, tokens, _, load_s = run_embeddings(model, inputs, "/api/embed", "ollama",
-                                                keep_alive, svc)
+                                                keep_alive, svc,
+                                                truncate=body.get("truncate") is not False)
     return jsonify({"model": model, "embeddings": [ol.normalize(v, dims) for v in vectors],
                     "total_duration": int((time.monotonic() - started) * 1e9),
                     "load_duration": int(load_s * 1e9), "prompt_eval_count": tokens})
@@ -224,7 +226,7 @@ def embeddings() -> Response:
         svc.manager.resolve(model)
         return jsonify({"embedding": []})
     vectors, _, _, _ = run_embeddings(model, [prompt], "/api/embeddings", "ollama",
-                                      keep_alive, svc)
+                                      keep_alive, svc, truncate=True)
     return jsonify({"embedding": vectors[0]})
 
 

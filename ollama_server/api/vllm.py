@@ -16,6 +16,7 @@ from ..adapters import vllm as vl
 from ..core.schemas import Finish
 from .common import as_service_error, json_body, ndjson_line, stream_response
 from .handlers import services, start_generation, with_engine
+from .validation import check_token_ids
 
 bp = Blueprint("vllm", __name__)
 
@@ -25,7 +26,7 @@ def vllm_tokenize(body: dict[str, Any]) -> Response:
     token_strs}``, with the model's own tokenizer and chat template."""
     svc = services()
     tok = vl.vllm_tokenize_request(body, svc.config.default_model)
-    with with_engine(tok.model) as (engine, _info):
+    with with_engine(tok.model, template_of=tok.chat) as (engine, _info):
         text = engine.apply_template(tok.chat) if tok.chat is not None else tok.prompt
         pieces = engine.tokenize(text or "", add_special=tok.add_special_tokens,
                                  with_pieces=True)
@@ -39,8 +40,8 @@ def detokenize() -> Response:
     body = json_body()
     tokens = vl.vllm_detokenize_tokens(body)
     model = body.get("model") or services().config.default_model
-    with with_engine(model) as (engine, _info):
-        return jsonify({"prompt": engine.detokenize(tokens)})
+    with with_engine(model) as (engine, info):
+        return jsonify({"prompt": engine.detokenize(check_token_ids(tokens, info, "tokens"))})
 
 
 @bp.get("/version")

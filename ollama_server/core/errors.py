@@ -81,10 +81,47 @@ class PayloadTooLarge(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """Too many requests are waiting; the caller should retry later."""
+    """Too many requests are waiting; the caller should retry later.
+
+    ``retry_after``: seconds the caller should wait (the ``Retry-After`` header).
+    """
 
     status = 503
     kind = "overloaded"
+
+    def __init__(self, message: str, *, param: str | None = None,
+                 retry_after: int = 1) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class QueueFull(Overloaded):
+    """The model's queue of waiting requests is full (``max_queue``); refused at once."""
+
+    # Ollama's own words for this refusal: its clients may look for them.
+    MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+
+    def __init__(self, model: str, retry_after: int = 1) -> None:
+        super().__init__(self.MESSAGE, retry_after=retry_after)
+        self.model = model
+
+
+class RateLimited(ServiceError):
+    """This API key already has as many requests in flight as it may (per-key limit)."""
+
+    status = 429
+    kind = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(ServiceError):
+    """The request ran past ``request_timeout``; its generation was stopped."""
+
+    status = 504
+    kind = "timeout"
 
 
 class EngineUnavailable(ServiceError):

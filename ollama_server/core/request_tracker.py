@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 
+from .errors import RateLimited
 from .schemas import RequestState, RequestStatus
 
 Observer = Callable[[str, RequestStatus], None]  # (event name, status)
@@ -28,7 +29,8 @@ class RequestTracker:
         self.totals = {"requests": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
     def subscribe(self, observer: Observer) -> None:
-        """Call ``observer(event, status)`` on start, first_token, and finish events."""
+        """Call ``observer(event, status)`` on start, first_token, finish and refused (over the
+        per-key limit) events."""
         self._observers.append(observer)
 
     def _notify(self, event: str, status: RequestStatus) -> None:
@@ -39,15 +41,27 @@ class RequestTracker:
                 pass
 
     def start(self, request_id: str, model: str, dialect: str, *, endpoint: str = "",
-              stream: bool = False, max_tokens: int | None = None) -> threading.Event:
-        """Register a request; return its cancel handle."""
+              stream: bool = False, max_tokens: int | None = None, caller: str | None = None,
+              caller_limit: int = 0) -> threading.Event:
+        """Register a request; return its cancel handle.
+
+        With ``caller_limit`` > 0, RateLimited when ``caller`` (an API key's name) already has
+        that many requests active; the check and the registration are one step.
+        """
         status = RequestStatus(id=request_id, model=model, dialect=dialect, endpoint=endpoint,
-                               stream=stream, max_tokens=max_tokens)
+                               stream=stream, max_tokens=max_tokens, caller=caller)
         cancel = threading.Event()
         with self._lock:
-            self._active[request_id] = status
-            self._cancel[request_id] = cancel
-            self.totals["requests"] += 1
+            refused = caller is not None and caller_limit > 0 and sum(
+                1 for s in self._active.values() if s.caller == caller) >= caller_limit
+            if not refused:
+                self._active[request_id] = status
+                self._cancel[request_id] = cancel
+                self.totals["requests"] += 1
+        if refused:
+            self._notify("refused", status)
+            raise RateLimited(f"the API key '{caller}' already has {caller_limit} requests "
+                              f"in flight (max_requests_per_key); wait for one to finish")
         self._notify("start", status)
         return cancel
 

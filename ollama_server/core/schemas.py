@@ -245,6 +245,7 @@ class RequestStatus:
     max_tokens: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    caller: str | None = None  # the name of the API key it came with (never the key)
 
     @property
     def ttft_ms(self) -> float | None:
@@ -298,4 +299,5 @@ class RequestStatus:
                                   else round(self.tokens_per_second, 2)),
             "finish_reason": self.finish_reason,
             "error": self.error,
+            "caller": self.caller,
         }

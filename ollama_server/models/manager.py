@@ -27,6 +27,7 @@ from ..core.errors import (
     Overloaded,
 )
 from ..core.executor import EngineSettings, LLAMAExecutor
+from .admission import SlotQueue
 from .gguf_meta import quantization_name, read_header
 from .schemas import ModelInfo
 from .store import ModelName, OllamaStore
@@ -85,6 +86,7 @@ class ModelManager:
         # Models whose last start failed: name → {"error", "at" (epoch s), "engine"}; cleared
         # by the next successful start. /health reports them.
         self.failures: dict[str, dict[str, Any]] = {}
+        self.queue = SlotQueue(clock)  # slots and waiting requests per model (max_queue)
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
                                         name="model-keepalive")
         self._reaper.start()
@@ -203,6 +205,7 @@ class ModelManager:
             metadata={k: v for k, v in header.metadata.items()
                       if k not in ("general.name", "tokenizer.chat_template")},
             pooling=pooling_names.get(pooling) if pooling is not None else None,
+            vocab_size=int(header.array_lengths.get("tokenizer.ggml.tokens", 0)),
         )
 
     def _gguf_files(self) -> list[Path]:
@@ -285,12 +288,32 @@ class ModelManager:
             ctx = min(int(requested), trained) if info.context_length else int(requested)
         return max(ctx, 256)
 
-    def acquire(self, info: ModelInfo, num_ctx: int | None = None) -> tuple[LLAMAExecutor, float]:
+    def acquire(self, info: ModelInfo, num_ctx: int | None = None, *, slot: bool = True,
+                abandoned: Callable[[], bool] | None = None,
+                admitted: Callable[[], None] | None = None) -> tuple[LLAMAExecutor, float]:
         """A ready engine for ``info`` and the seconds spent loading it; pair with release().
 
         Loads the model (evicting idle ones over the cap) or restarts it with a larger context
-        when ``num_ctx`` asks for more than it runs with.
+        when ``num_ctx`` asks for more than it runs with. With ``slot`` (work the engine
+        queues: generation, embeddings) it first takes one of the model's ``parallel`` slots,
+        waiting in the model's bounded queue: QueueFull past ``max_queue``, Cancelled when
+        ``abandoned()`` turns true while waiting; ``admitted()`` is called once it has its
+        slot. release() with the same ``slot`` gives the slot back. Tokenizing and templates
+        take none.
         """
+        if slot:
+            c = self.config
+            self.queue.enter(info.name, c.parallel, c.max_queue, c.request_timeout, abandoned)
+        try:
+            if admitted is not None:
+                admitted()
+            return self._acquire(info, num_ctx)
+        except BaseException:
+            if slot:
+                self.queue.leave(info.name)
+            raise
+
+    def _acquire(self, info: ModelInfo, num_ctx: int | None) -> tuple[LLAMAExecutor, float]:
         to_stop: list[LLAMAExecutor] = []
         with self._lock:
             deadline = self.clock() + self.config.request_timeout
@@ -332,10 +355,10 @@ class ModelManager:
         except EngineFailed as exc:
             self.failures[info.name] = {"error": exc.message, "at": time.time(),
                                         "engine": entry.engine}
-            self.release(info.name, keep_alive=None)
+            self.release(info.name, keep_alive=None, slot=False)
             raise
         except BaseException:
-            self.release(info.name, keep_alive=None)
+            self.release(info.name, keep_alive=None, slot=False)
             raise
         self.failures.pop(info.name, None)
         return entry.engine, load_s
@@ -390,9 +413,12 @@ class ModelManager:
                 out.setdefault(worker, []).append(entry.info.name)
         return out
 
-    def release(self, name: str, keep_alive: float | None = None) -> None:
+    def release(self, name: str, keep_alive: float | None = None, *,
+                slot: bool = True) -> None:
         """End one use of a model; it stays loaded ``keep_alive`` seconds (None: default,
-        negative: forever, 0: unload now when idle)."""
+        negative: forever, 0: unload now when idle). ``slot`` as given to acquire()."""
+        if slot:
+            self.queue.leave(name)
         stop: LLAMAExecutor | None = None
         with self._lock:
             entry = self._loaded.get(name)

@@ -39,6 +39,7 @@ class ModelInfo:
     projector: Path | None = None  # a vision projector (mmproj) when the model has one
     layers: list[dict[str, Any]] = field(default_factory=list)  # manifest layers as stored
     pooling: str | None = None  # embedding-only models
+    vocab_size: int = 0  # tokens in the vocabulary (0: unknown)
     extra: dict[str, Any] = field(default_factory=dict)  # enrichment (ollama show)
 
     @property

@@ -139,3 +139,41 @@ def test_dashboard_fits_a_phone(base_url, browser):
     # Tables turn into labelled cards on a narrow screen.
     assert page.locator("#recent thead").first.is_hidden()
     page.close()
+
+
+def test_dashboard_asks_for_the_key_once_per_tab(keyed_service, browser):
+    """With keys, the page asks for one, keeps it in the tab (sessionStorage, never in the
+    URL) across reloads, asks again after a wrong key, and a new tab asks afresh."""
+    from tests.conftest import SERVICE_KEYS
+
+    key = SERVICE_KEYS["alice"]
+    url = keyed_service.base_url + "/dashboard"
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url)
+    form = page.locator("#keyform")
+    form.wait_for(state="visible", timeout=15000)
+    assert page.locator("#conn").inner_text() == "API key needed"
+    page.fill("#apikey", "not-the-key")
+    page.click("#keyform button")
+    page.wait_for_function("document.getElementById('keyerr').textContent.includes('refused')",
+                           timeout=15000)
+    page.fill("#apikey", key)
+    page.click("#keyform button")
+    page.wait_for_function("document.getElementById('conn').textContent === 'live'",
+                           timeout=15000)
+    assert form.is_hidden()
+    assert key not in page.url and "key" not in page.url
+    assert page.evaluate("sessionStorage.getItem('ollama-server-api-key')") == key
+    assert page.evaluate("localStorage.length") == 0  # not kept beyond the tab
+    # A reload in the same tab does not ask again.
+    page.reload()
+    page.wait_for_function("document.getElementById('conn').textContent === 'live'",
+                           timeout=15000)
+    assert form.is_hidden()
+    # Another tab (its own session storage) asks afresh.
+    other = browser.new_context().new_page()
+    other.goto(url)
+    other.locator("#keyform").wait_for(state="visible", timeout=15000)
+    other.close()
+    context.close()
