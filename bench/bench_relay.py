@@ -9,6 +9,7 @@ CPU time per relayed token (arbiter and worker processes, from /proc), and its m
 The load generator is an asyncio client that only counts tokens, so it stays cheap.
 
     .venv/bin/python bench/bench_relay.py [--mode paced|bulk] [--concurrency 1 8 32 64]
+                                          [--tokens 256] [--min-tokens 8192]
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def main() -> int:
     ap.add_argument("--mode", choices=["paced", "bulk"], default="paced")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--min-tokens", type=int, default=8192,
+                    help="tokens relayed per level at least (rounds are repeated to reach it; "
+                         "the CPU figure is counted in 10 ms ticks)")
     ap.add_argument("--model-dir", default=str(ROOT / "models"))
     args = ap.parse_args()
 
@@ -118,7 +121,7 @@ def main() -> int:
         [sys.executable, "-m", "ollama_server.main", "--model-dir", args.model_dir,
          "--port", str(service_port), "--llama-cpp-dir", str(shim_dir)], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    report: dict = {"mode": args.mode, "tokens": args.tokens, "rounds": args.rounds,
+    report: dict = {"mode": args.mode, "tokens": args.tokens, "min_tokens": args.min_tokens,
                     "cpu_count": os.cpu_count(), "results": {}}
     try:
         wait_http(direct_port, "/health")
@@ -128,9 +131,10 @@ def main() -> int:
                                     if b"fake_engine" not in Path(f"/proc/{p}/cmdline")
                                     .read_bytes()]
         for c in args.concurrency:
-            d_tokens, d_wall = asyncio.run(load(direct_port, c, args.tokens, args.rounds))
+            rounds = max(1, -(-args.min_tokens // (c * args.tokens)))
+            d_tokens, d_wall = asyncio.run(load(direct_port, c, args.tokens, rounds))
             before = cpu_s(svc_pids)
-            s_tokens, s_wall = asyncio.run(load(service_port, c, args.tokens, args.rounds))
+            s_tokens, s_wall = asyncio.run(load(service_port, c, args.tokens, rounds))
             used = cpu_s(svc_pids) - before
             res = {"direct_tps": d_tokens / d_wall, "service_tps": s_tokens / s_wall,
                    "ratio": (s_tokens / s_wall) / (d_tokens / d_wall),

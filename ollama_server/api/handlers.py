@@ -165,36 +165,38 @@ class Generation:
                               f"and was stopped; ask for fewer tokens, or raise "
                               f"request_timeout in the service's configuration")
 
-    def _timed(self, stream: Any) -> Iterator[Event]:
+    def _tracked(self, stream: Any) -> Iterator[Event]:
+        """The engine's events, counted in the tracker, within request_timeout."""
+        tracker = self.svc.tracker
+        add_tokens = tracker.add_tokens
+        rid = self.req.request_id
+        cancel = self._cancel
+        deadline = self._deadline
+        monotonic = time.monotonic
         try:
             for event in stream:
+                if cancel.is_set():
+                    raise Cancelled("the request was cancelled")
+                kind = type(event)
+                if kind is TextDelta:
+                    add_tokens(rid, len(event.tokens) or 1)
+                elif kind is ToolCallDelta:
+                    add_tokens(rid, 1)
+                elif kind is PromptInfo:
+                    tracker.set_prompt_tokens(rid, event.prompt_tokens)
+                elif kind is Finish:
+                    event.usage.load_ms = self.load_s * 1000.0
+                    if (self.req.include_stop_str_in_output and event.reason == "stop_sequence"
+                            and event.stop_sequence):
+                        yield TextDelta(event.stop_sequence)  # the engine cuts it off the text
                 yield event
-                if time.monotonic() > self._deadline:
+                if monotonic() > deadline:
                     raise self._timed_out()
         except EngineFailed as exc:
             # The engine went silent for request_timeout: the read timed out.
-            if time.monotonic() >= self._deadline:
+            if monotonic() >= deadline:
                 raise self._timed_out() from exc
             raise
-
-    def _tracked(self, stream: Any) -> Iterator[Event]:
-        tracker = self.svc.tracker
-        rid = self.req.request_id
-        for event in self._timed(stream):
-            if self._cancel.is_set():
-                raise Cancelled("the request was cancelled")
-            if isinstance(event, TextDelta):
-                tracker.add_tokens(rid, max(1, len(event.tokens)))
-            elif isinstance(event, ToolCallDelta):
-                tracker.add_tokens(rid, 1)
-            elif isinstance(event, PromptInfo):
-                tracker.set_prompt_tokens(rid, event.prompt_tokens)
-            elif isinstance(event, Finish):
-                event.usage.load_ms = self.load_s * 1000.0
-                if (self.req.include_stop_str_in_output and event.reason == "stop_sequence"
-                        and event.stop_sequence):
-                    yield TextDelta(event.stop_sequence)  # the engine cuts it off the text
-            yield event
 
     def _choice(self, index: int, stream: Any) -> Iterator[Event]:
         """One choice's events: reasoning split, tool calls extracted, tagged ``index``."""

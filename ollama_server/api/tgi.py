@@ -19,7 +19,7 @@ from ..adapters import tgi as tg
 from ..core.errors import ServiceError
 from .common import (
     as_service_error,
-    dumps,
+    dumpb,
     error_response,
     json_body,
     register_error_formatter,
@@ -41,9 +41,9 @@ def _aliases(state: Any) -> None:
         manager.add_alias(name)
 
 
-def sse(obj: Any) -> str:
+def sse(obj: Any) -> bytes:
     """One TGI SSE frame: ``data:`` without a space, as TGI's router writes it."""
-    return f"data:{dumps(obj)}\n\n"
+    return b"data:" + dumpb(obj) + b"\n\n"
 
 
 def _prepare(body: dict[str, Any], stream: bool) -> tuple[tg.TGIRequest, list[dict[str, Any]]]:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .engine_report import LoadReport
 from .errors import (
     ContextLengthExceeded,
@@ -163,7 +165,9 @@ def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
         "verbose": True,  # the last chunk then says which stop string matched
-        "timings_per_token": True,  # the first chunk then gives the prompt size
+        # The prompt's size (and how much came from the cache) arrives before the first
+        # token; per-token timings would double the size of every token's chunk.
+        "return_progress": True,
         "cache_prompt": True,
         "reasoning_format": "none",  # <think> splitting is ours (utils.response_processing)
     }
@@ -267,12 +271,30 @@ class ChatChunkParser:
 
     def process(self, chunk: dict[str, Any]) -> list[Event]:
         """Events for one decoded ``data:`` object."""
+        if self._prompt_sent and self._prefill is None and len(chunk) == 6:
+            # The hot path: a chunk with one token of content and nothing else (id, model,
+            # created, object, system_fingerprint and choices are its six keys).
+            choices = chunk.get("choices")
+            if choices and len(choices) == 1:
+                choice = choices[0]
+                delta = choice.get("delta")
+                if (delta and len(delta) == 1 and len(choice) == 3
+                        and choice.get("finish_reason") is None):
+                    content = delta.get("content")
+                    if content:
+                        return [TextDelta(text=content)]
         events: list[Event] = []
-        timings = chunk.get("timings")
-        if timings and not self._prompt_sent and "prompt_n" in timings:
-            self._prompt_sent = True
-            cached = int(timings.get("cache_n") or 0)
-            events.append(PromptInfo(int(timings["prompt_n"]) + cached, cached))
+        if not self._prompt_sent:
+            progress = chunk.get("prompt_progress")
+            timings = chunk.get("timings")
+            if progress:
+                self._prompt_sent = True
+                events.append(PromptInfo(int(progress.get("total") or 0),
+                                         int(progress.get("cache") or 0)))
+            elif timings and "prompt_n" in timings:
+                self._prompt_sent = True
+                cached = int(timings.get("cache_n") or 0)
+                events.append(PromptInfo(int(timings["prompt_n"]) + cached, cached))
         verbose = chunk.get("__verbose")
         if verbose:
             self.stop_type = verbose.get("stop_type")
@@ -370,6 +392,82 @@ def engine_error(status: int, body: bytes | str, tail: str = "") -> ServiceError
     return EngineFailed(f"llama-server error {status}: {message}" + (f"; {tail}" if tail else ""))
 
 
+class SSEPayloads:
+    """The ``data:`` payloads of a llama-server stream, read in bulk straight off its socket.
+
+    ``http.client``'s ``readline`` on a chunked body costs several Python calls and a buffer
+    copy per line; with one token per line that was most of the relay's time. This reads
+    whatever the socket has (``read1``), undoes the chunked framing itself and splits lines
+    with ``bytes.split``: a handful of operations per token.
+    """
+
+    def __init__(self, fp: Any, chunked: bool) -> None:
+        self._fp = fp
+        self._chunked = chunked
+        self._raw = b""  # transport bytes not decoded yet (a partial chunk-size line)
+        self._left = 0  # bytes left in the current chunk
+        self._crlf = False  # the CRLF after a chunk's data is still to come
+        self._text = b""  # body bytes not yet split into lines
+        self.done = False  # the body ended (last chunk, or the connection closed)
+
+    def _decode(self, data: bytes) -> None:
+        buf = self._raw + data if self._raw else data
+        pos, end, out = 0, len(buf), []
+        while pos < end:
+            if self._left:
+                take = min(self._left, end - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._left -= take
+                self._crlf = not self._left
+            elif self._crlf:
+                if end - pos < 2:
+                    break
+                pos += 2
+                self._crlf = False
+            else:
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                pos = eol + 2
+                if size == 0:
+                    self.done = True
+                    break
+                self._left = size
+        self._raw = buf[pos:]
+        self._text += b"".join(out)
+
+    def next_batch(self) -> list[bytes]:
+        """The payloads of every complete ``data:`` line available (waits for at least one);
+        [] when the body has ended."""
+        while True:
+            if b"\n" in self._text:
+                *lines, self._text = self._text.split(b"\n")
+                batch = [line[6:].strip() for line in lines if line.startswith(b"data: ")]
+                if batch:
+                    return batch
+            if self.done:
+                return []
+            data = self._fp.read1(65536)
+            if not data:
+                self.done = True
+                return []
+            if self._chunked:
+                self._decode(data)
+            else:
+                self._text += data
+
+
+def loads(data: bytes) -> Any:
+    """JSON from the engine: orjson, or the standard parser for what orjson refuses (an
+    escaped lone surrogate)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 class EngineStream:
     """The events of one streamed llama-server answer; ``close()`` cancels it in the engine."""
 
@@ -380,38 +478,39 @@ class EngineStream:
         self._conn = conn
         self._resp = resp
         self._parser = parser
+        self._payloads = SSEPayloads(resp.fp, bool(resp.chunked))
         self.closed = False
 
     def __iter__(self) -> Iterator[Event]:
+        completion = isinstance(self._parser, CompletionChunkParser)
+        process = self._parser.process
         try:
             while True:
                 try:
-                    line = self._resp.readline()
-                except (OSError, http.client.HTTPException) as exc:
+                    batch = self._payloads.next_batch()
+                except (OSError, ValueError, AttributeError) as exc:
                     if self.closed:
                         return
                     raise self._executor.failure(
                         f"connection to llama-server lost: {exc}") from exc
-                if not line:
+                if not batch:
                     if self.closed:
                         return
                     raise self._executor.failure("llama-server closed the stream early")
-                if not line.startswith(b"data: "):
-                    continue  # blank separators and ":" pings
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    return
-                chunk = json.loads(data)
-                if "error" in chunk and isinstance(chunk["error"], dict):
-                    err = chunk["error"]
-                    raise engine_error(int(err.get("code") or 500), json.dumps(chunk),
-                                       self._executor.stderr_tail())
-                finished = False
-                for event in self._parser.process(chunk):
-                    finished = finished or isinstance(event, Finish)
-                    yield event
-                if finished and isinstance(self._parser, CompletionChunkParser):
-                    return
+                for data in batch:
+                    if data == b"[DONE]":
+                        return
+                    chunk = loads(data)
+                    if "error" in chunk and isinstance(chunk["error"], dict):
+                        err = chunk["error"]
+                        raise engine_error(int(err.get("code") or 500), json.dumps(chunk),
+                                           self._executor.stderr_tail())
+                    finished = False
+                    for event in process(chunk):
+                        finished = finished or isinstance(event, Finish)
+                        yield event
+                    if finished and completion:
+                        return
         finally:
             self.close()
 

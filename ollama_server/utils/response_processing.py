@@ -125,6 +125,10 @@ class ThinkSplitter:
     def process(self, events: Iterable[Event]) -> Iterator[Event]:
         """Apply the splitter to an event stream; non-text events pass through in order."""
         for event in events:
+            if type(event) is TextDelta and self._state == "content" and not self._buf \
+                    and not self._prefix_open:
+                yield event  # past any reasoning: text goes through as it is (the hot path)
+                continue
             if isinstance(event, TextDelta):
                 parts = self.feed(event.text)
                 if event.tokens:
