@@ -65,7 +65,7 @@ def one_stream(port: int, body: bytes) -> dict:
     if resp.status != 200:
         raise SystemExit(f"HTTP {resp.status} from port {port}: {resp.read()[:300]!r}")
     first = last = None
-    tokens = 0
+    tokens = chunks = 0
     while True:
         line = resp.readline()
         if not line:
@@ -80,7 +80,11 @@ def one_stream(port: int, body: bytes) -> dict:
                 now = time.perf_counter()
                 first = first or now
                 last = now
+                chunks += 1
     conn.close()
+    tokens = tokens or chunks  # a server that sends no usage: one token per content chunk
+    if first is None:  # no content at all (an empty answer): timed to the end of the stream
+        first = last = time.perf_counter()
     return {"ttft": first - t0, "total": last - t0, "tokens": tokens,
             "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0}
 
