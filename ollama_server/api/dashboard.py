@@ -40,7 +40,7 @@ def dashboard_state() -> dict:
     return {
         "time": time.time(),
         "uptime_s": round(time.time() - STARTED_AT, 1),
-        "default_model": svc.config.default_model,
+        "default_model": svc.manager.default_model_name(),
         "models_available": available,
         "models": loaded_models_view(gpu),
         "gpu": None if gpu is None else gpu.to_dict(),
