@@ -33,6 +33,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import atexit
 import logging
+import math
 import os
 import signal
 from typing import Any
@@ -96,13 +97,26 @@ def create_service_app(config: Config, source: ConfigSource | None = None) -> An
 
 # Seconds the master gives the worker beyond shutdown_timeout to stop its engines before it
 # kills the worker (a killed worker could not stop them).
-ENGINE_STOP_MARGIN = 20.0
+ENGINE_STOP_MARGIN = 20
 
 
 def serve(config: Config, source: ConfigSource | None = None) -> None:
     """Run gunicorn in this process (one worker, many threads)."""
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class DrainingWorker(ThreadWorker):
+        def set_accept_enabled(self, enabled: bool) -> None:
+            super().set_accept_enabled(enabled)
+            if not self.alive and self.sockets:
+                # Stopping: let go of the listening socket now rather than after the drain,
+                # so that new connections are refused at once (or, during an update, go to
+                # the new master, which holds the same socket) instead of waiting in its
+                # queue for a worker that will never accept them.
+                for listener in self.sockets:
+                    listener.close()
+                self.sockets = []
 
     class ServiceArbiter(Arbiter):
         def handle_hup(self) -> None:
@@ -116,11 +130,11 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
             settings = {
                 "bind": f"{config.host}:{config.port}",
                 "workers": 1,
-                "worker_class": "gthread",
+                "worker_class": DrainingWorker,
                 "threads": config.threads_http,
                 "timeout": 0,  # streams may run for minutes; the engines have their own limit
                 # The worker drains for shutdown_timeout (set in _post_worker_init).
-                "graceful_timeout": config.shutdown_timeout + ENGINE_STOP_MARGIN,
+                "graceful_timeout": math.ceil(config.shutdown_timeout + ENGINE_STOP_MARGIN),
                 "keepalive": 5,
                 "loglevel": "debug" if config.log_level == "DEBUG" else "warning",
                 "accesslog": "-" if config.log_level == "DEBUG" else None,
@@ -151,7 +165,7 @@ def _post_worker_init(worker: Any) -> None:
     SIGHUP, and finish a zero-downtime update if this worker belongs to the new master."""
     app = worker.wsgi
     config = app.extensions["ollama_server"].config
-    worker.cfg.set("graceful_timeout", config.shutdown_timeout)
+    worker.cfg.set("graceful_timeout", math.ceil(config.shutdown_timeout))
     app.extensions["ollama_server_reloader"].install_signal_handler(signal.SIGHUP)
     finish_update(os.environ.get("GUNICORN_PID"), worker.log)
 
