@@ -123,12 +123,12 @@ if user_systemctl daemon-reload; then
     echo "started and enabled"
   fi
 fi
-cat <<TEXT
-next:
-  systemctl --user start $UNIT          # start it now
-  systemctl --user enable $UNIT         # start it at login (loginctl enable-linger $USER: at boot)
-  ./service-status-user.sh              # state, health, models, recent errors
-  journalctl --user -u $UNIT -f         # follow the logs
-  systemctl --user reload $UNIT         # after editing the config or the environment file
-  ./update-service.sh                   # switch to this checkout's current code, no downtime
-TEXT
+echo "next:"
+printf '  %-40s # %s\n' \
+  "systemctl --user start $UNIT" "start it now" \
+  "systemctl --user enable $UNIT" "start it at login (loginctl enable-linger $(id -un): at boot)" \
+  "./service-status-user.sh" "state, health, models, recent errors" \
+  "journalctl --user -u $UNIT -f" "follow the logs" \
+  "systemctl --user reload $UNIT" "after editing the config or the environment file" \
+  "./update-service.sh" "run this checkout's current code, without downtime" \
+  "./install-user-service.sh --uninstall" "remove the unit"

@@ -9,6 +9,8 @@
 - ``python -m ollama_server.user_service update [--pid PID]``: zero-downtime update to the
   checkout's current code (SIGUSR2 to the running master, see main.py), waiting until the old
   master has handed over and finished its requests.
+- ``python -m ollama_server.user_service health --url URL``: exit 0 when ``URL/health``
+  answers 200 (the container's health check).
 """
 
 from __future__ import annotations
@@ -236,15 +238,24 @@ def main_pid(unit: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """CLI for the unit's shell scripts."""
     parser = argparse.ArgumentParser(prog="python -m ollama_server.user_service")
-    parser.add_argument("command", choices=["settings", "status", "update"])
+    parser.add_argument("command", choices=["settings", "status", "update", "health"])
     parser.add_argument("--config", default=None, help="the YAML config file the unit uses")
     parser.add_argument("--unit", default=UNIT)
     parser.add_argument("--pid", type=int, default=None,
                         help="update: the master's pid (default: the unit's main process)")
     parser.add_argument("--timeout", type=float, default=None,
                         help="update: seconds to wait (default: shutdown_timeout + 60)")
+    parser.add_argument("--url", default=None, help="health: the service's base URL")
     args = parser.parse_args(argv)
+    if args.command == "health" and args.url:
+        host, _, port = args.url.split("://", 1)[-1].rstrip("/").rpartition(":")
+        code, body = fetch_health(host, int(port))
+        if code != 200:
+            print(f"unhealthy: {code or ''} {body}", file=sys.stderr)
+        return 0 if code == 200 else 1
     config = _config(args.config)
+    if args.command == "health":
+        return main(["health", "--url", f"http://{config.host}:{config.port}"])
     if args.command == "update":
         pid = args.pid or main_pid(args.unit)
         if pid <= 0:

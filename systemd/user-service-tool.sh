@@ -6,7 +6,7 @@ set -euo pipefail
 UNIT=llm-inference
 STATE=${XDG_CONFIG_HOME:-$HOME/.config}/$UNIT/install.env
 if [ ! -f "$STATE" ]; then
-  echo "$UNIT is not installed for $USER (run ./install-user-service.sh)" >&2
+  echo "$UNIT is not installed for $(id -un) (run ./install-user-service.sh)" >&2
   exit 1
 fi
 # shellcheck source=/dev/null

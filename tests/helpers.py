@@ -147,6 +147,17 @@ class FakeExecutor:
         return "".join(m.content for m in req.messages or [])
 
 
+def wait_for(check, what: str, timeout: float = 60.0, every: float = 0.1):
+    """``check()``'s first truthy value; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from ollama_server.user_service import update
-from tests.helpers import ServiceProcess, llama_children, pid_alive
+from tests.helpers import ServiceProcess, llama_children, pid_alive, wait_for
 from tests.unit.test_deploy_config import seed_config_for
 
 pytestmark = pytest.mark.e2e
@@ -34,16 +34,6 @@ def health(base_url: str) -> dict:
     resp = requests.get(base_url + "/health", timeout=10)
     assert resp.status_code == 200, resp.text
     return resp.json()
-
-
-def wait_for(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_gone(pids, timeout: float = 90.0) -> None:

@@ -109,3 +109,21 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_shutdown_timeout_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="shutdown_timeout"):
         load_config(environ={"OLLAMA_SERVER_SHUTDOWN_TIMEOUT": "0"})
+
+
+def test_store_files_are_readable_by_other_users(tmp_path):
+    """A service or container running as another user reads the store (as Ollama's)."""
+    import io
+
+    from ollama_server.models.store import ModelName, OllamaStore
+
+    store = OllamaStore(tmp_path)
+    hex_digest, size = store.write_blob(io.BytesIO(b"weights"))
+    layers = [{"mediaType": "application/vnd.ollama.image.model",
+               "digest": f"sha256:{hex_digest}", "size": size}]
+    path = store.write_manifest(ModelName.parse("m:1"), store.build_manifest(layers, {}))
+    blob = store.blob_path(f"sha256:{hex_digest}")
+    assert blob.stat().st_mode & 0o777 == 0o644 and path.stat().st_mode & 0o777 == 0o644
+    blob.chmod(0o600)
+    store.make_readable(path)
+    assert blob.stat().st_mode & 0o777 == 0o644
