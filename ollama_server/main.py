@@ -170,14 +170,6 @@ def _post_worker_init(worker: Any) -> None:
     finish_update(os.environ.get("GUNICORN_PID"), worker.log)
 
 
-def _parent_of(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def finish_update(old_master: str | None, logger: Any) -> None:
     """The last step of a SIGUSR2 update, run by the new master's worker once it can serve:
     make the new master systemd's main process (with ``NotifyAccess=all``) and stop the old
@@ -188,10 +180,13 @@ def finish_update(old_master: str | None, logger: Any) -> None:
     """
     if not old_master or not old_master.isdigit():
         return
-    master, old = os.getppid(), int(old_master)
-    if _parent_of(master) != old:
-        return
     from gunicorn import systemd
+
+    from .user_service import parent_of
+
+    master, old = os.getppid(), int(old_master)
+    if parent_of(master) != old:
+        return
 
     systemd.sd_notify(f"MAINPID={master}", logger)
     log.info("update: the new master %d serves; stopping the old master %d gracefully", master,

@@ -75,13 +75,13 @@ def _systemctl_show(unit: str) -> dict[str, str]:
 
 def process_uptime(pid: int) -> float | None:
     """Seconds since process ``pid`` started (from /proc), None when it is not running."""
+    fields = _stat(pid)
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         with open("/proc/uptime") as fh:
             boot_uptime = float(fh.read().split()[0])
+        return boot_uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
-    return boot_uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def human_duration(seconds: float) -> str:
@@ -175,27 +175,31 @@ def status_lines(config: Config, unit: str = UNIT) -> list[str]:
     return lines
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first); [] when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent process id of ``pid``, None when it is gone."""
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
 def children(pid: int) -> set[int]:
     """Process ids whose parent is ``pid``."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.add(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    return out
+    return {int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and parent_of(int(entry)) == pid}
 
 
 def alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
 
 
 def update(old: int, timeout: float, say: Any = print) -> int:

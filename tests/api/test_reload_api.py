@@ -175,3 +175,18 @@ def test_health_says_when_and_from_where(live):
 def test_app_without_source_cannot_reload(client, app):
     assert not app.extensions["ollama_server_reloader"].reload()
     assert client.get("/health").get_json()["config"]["file"] is None
+
+
+def test_model_folders_change_live(live, tmp_path, tiny_gguf):
+    from ollama_server.models.store import OllamaStore
+    from tests.helpers import add_store_model
+
+    app, cfg_file, base, _ = live
+    client = app.test_client()
+    other = tmp_path / "other-store"
+    add_store_model(OllamaStore(other), "fresh:1b", tiny_gguf)
+    assert [m["name"] for m in client.get("/api/tags").get_json()["models"]] == [
+        "ns/other:v1", "tiny:latest"]
+    cfg_file.write_text(base.replace(str(cfg_file.parent / "models"), str(other)))
+    assert reload(app)
+    assert [m["name"] for m in client.get("/api/tags").get_json()["models"]] == ["fresh:1b"]

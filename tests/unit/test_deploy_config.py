@@ -127,3 +127,15 @@ def test_store_files_are_readable_by_other_users(tmp_path):
     blob.chmod(0o600)
     store.make_readable(path)
     assert blob.stat().st_mode & 0o777 == 0o644
+
+
+def test_status_helpers_format_durations_and_devices():
+    from ollama_server.user_service import human_duration, model_line
+
+    assert [human_duration(s) for s in (12, 250, 7500, 190000)] == [
+        "12s", "4m 10s", "2h 5m", "2d 4h"]
+    base = {"name": "m:1", "state": "ready", "pid": 7, "context_length": 4096}
+    assert model_line(base).endswith("on CPU, 0 in flight")
+    assert "on GPU (512 MiB)" in model_line({**base, "gpu_memory_mib": 512.0})
+    assert "on CUDA0, RPC0[10.0.0.2:50052]" in model_line(
+        {**base, "devices": [{"name": "CUDA0"}, "RPC0[10.0.0.2:50052]"]})
