@@ -16,7 +16,8 @@ import yaml
 from tests.deploy import podman as pm
 from tests.helpers import ROOT, free_port, wait_for
 
-pytestmark = pytest.mark.deploy
+# Image builds on a cold cache take minutes (warm: seconds).
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1800)]
 
 COMPOSE = ["podman-compose", "-f", "docker-compose.yml", "-f", "tests/container/compose.test.yml"]
 MODEL = "smollm2:135m"

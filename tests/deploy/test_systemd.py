@@ -17,7 +17,8 @@ import requests
 from tests.deploy import podman as pm
 from tests.helpers import ROOT, free_port, wait_for
 
-pytestmark = pytest.mark.deploy
+# Image builds on a cold cache take minutes (warm: seconds).
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1800)]
 
 UNIT = "llm-inference"
 MODEL = "smollm2:135m"

@@ -20,7 +20,8 @@ from ollama_server.user_service import update
 from tests.helpers import ServiceProcess, llama_children, pid_alive, wait_for
 from tests.unit.test_deploy_config import seed_config_for
 
-pytestmark = pytest.mark.e2e
+# Streams of a few hundred tokens: minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 MODEL = "smollm2:135m"
 
