@@ -126,7 +126,7 @@ fi
 echo "next:"
 printf '  %-40s # %s\n' \
   "systemctl --user start $UNIT" "start it now" \
-  "systemctl --user enable $UNIT" "start it at login (loginctl enable-linger $(id -un): at boot)" \
+  "systemctl --user enable $UNIT" "start it at login (at boot: sudo loginctl enable-linger $(id -un))" \
   "./service-status-user.sh" "state, health, models, recent errors" \
   "journalctl --user -u $UNIT -f" "follow the logs" \
   "systemctl --user reload $UNIT" "after editing the config or the environment file" \
