@@ -107,7 +107,7 @@ class ConfigReloader:
             manager = self.app.extensions["ollama_server"].manager
             if manager.config is not old:  # a manager built with its own copy (tests)
                 manager.config.update_from(new)
-            self.apply()
+            self.apply(changed)
             self.reloads += 1
             self.loaded_at = time.time()
             self.last_error = self.last_error_at = None
@@ -115,11 +115,16 @@ class ConfigReloader:
                      ", ".join(changed) + " changed" if changed else "nothing changed")
             return True
 
-    def apply(self) -> None:
+    def apply(self, changed: list[str]) -> None:
         """Bring what was derived from the configuration at startup up to date."""
         config = self.config
         self.app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * 1024 * 1024)
-        setup_logging(config.log_level, config.log_dir)
+        if "log_dir" in changed:
+            setup_logging(config.log_level, config.log_dir)  # new handlers: a new file
+        elif "log_level" in changed:
+            logging.getLogger().setLevel(config.log_level)
+            logging.getLogger("werkzeug").setLevel(max(logging.WARNING,
+                                                       logging.getLogger().level))
         self.app.extensions["ollama_server"].manager.apply_config()
 
     def install_signal_handler(self, signum: int = signal.SIGHUP) -> None:

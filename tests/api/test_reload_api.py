@@ -190,3 +190,18 @@ def test_model_folders_change_live(live, tmp_path, tiny_gguf):
     cfg_file.write_text(base.replace(str(cfg_file.parent / "models"), str(other)))
     assert reload(app)
     assert [m["name"] for m in client.get("/api/tags").get_json()["models"]] == ["fresh:1b"]
+
+
+def test_log_level_changes_live(live):
+    app, cfg_file, base, _ = live
+    root = logging.getLogger()
+    before = root.level
+    try:
+        cfg_file.write_text(base + "log_level: WARNING\n")
+        assert reload(app)
+        assert root.level == logging.WARNING
+        cfg_file.write_text(base + "log_level: DEBUG\n")
+        assert reload(app)
+        assert root.level == logging.DEBUG
+    finally:
+        root.setLevel(before)
