@@ -11,7 +11,7 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
-        test-fast fuzz lint bench bench-split clean rpc-worker
+        test-fast fuzz lint bench bench-split clean rpc-worker container-tools base-image image
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
@@ -19,6 +19,7 @@ help:
 	@echo "make fuzz   - the long fuzz run: 20,000 request bodies against the real engine"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
 	@echo "make registry | lint | bench | bench-split"
+	@echo "make container-tools | base-image | image   (podman; see README, Deployment)"
 	@echo "make clean"
 
 venv: $(STAMP)
@@ -48,18 +49,20 @@ engine-portable: venv models
 models: venv
 	$(VPY) -m ollama_server.provision.models --models-dir $(MODELS)
 
-# Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download).
-# The test runs /usr/bin/chromium; as root or through sudo, never interactive.
-browser:
-	@test -x /usr/bin/chromium || { \
-	  command -v apt-get >/dev/null 2>&1 || { \
-	    echo "make browser needs apt-get (Debian/Ubuntu) to install chromium" >&2; exit 1; }; \
-	  echo "installing Debian's chromium for the browser test"; \
+# Installs Debian packages (the words after it): as root or through sudo, never interactive.
+APT_INSTALL = command -v apt-get >/dev/null 2>&1 || { \
+	    echo "make $@ needs apt-get (Debian/Ubuntu)" >&2; exit 1; }; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-	    chromium fonts-dejavu-core >/dev/null && \
+	    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold
+
+# Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download).
+# The test runs /usr/bin/chromium.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  $(APT_INSTALL) chromium fonts-dejavu-core >/dev/null && \
 	  test -x /usr/bin/chromium; }
 
 # llama.cpp's RPC worker from the project's engine build, for splitting models across hosts.
@@ -86,6 +89,35 @@ registry:
 	  { ! command -v systemctl >/dev/null 2>&1 || \
 	    $$SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true; } && \
 	  test -x /usr/bin/docker-registry; }
+# Podman, runc, debootstrap, podman-compose and systemd-container from Debian, for the
+# deployment tests and `make image` (as root or through sudo, never interactive).
+CONTAINER_PACKAGES := podman runc debootstrap podman-compose systemd-container
+container-tools:
+	@missing=$$(for p in $(CONTAINER_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	test -z "$$missing" || { \
+	  echo "installing Debian's" $$missing; \
+	  $(APT_INSTALL) $$missing >/dev/null; }
+
+# Podman as these machines need it: the runc runtime and explicit ulimits.
+PODMAN     := CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman
+BASE_IMAGE ?= localhost/debian:bookworm
+IMAGE      ?= llm-inference:latest
+
+# A Debian 12 base image made here (debootstrap; no registry needed), cached in
+# ~/.cache/ollama-server/images and imported into podman once.
+base-image: container-tools
+	container/base-image.sh $(BASE_IMAGE)
+
+# The image users get (Containerfile): the portable engine compiled inside, about 20 minutes
+# on 2 cores the first time. `make image WITH_MODELS=true` puts the default models inside.
+image: base-image
+	@start=$$(date +%s); \
+	$(PODMAN) build --format docker --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg WITH_MODELS=$(or $(WITH_MODELS),false) $$(container/pip-cert.sh) \
+	  -t $(IMAGE) -f Containerfile . && \
+	echo "built $(IMAGE) in $$(( $$(date +%s) - start ))s: $$($(PODMAN) image inspect $(IMAGE) \
+	  --format '{{.Size}}' | awk '{printf "%.0f MB", $$1 / 1e6}')"
 
 setup: venv engine models
 
@@ -95,7 +127,7 @@ run: setup
 lint: venv
 	$(VPY) -m ruff check .
 
-test: setup browser registry lint
+test: setup browser registry lint container-tools base-image
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Unit and Flask-client layers only (no engine): seconds.

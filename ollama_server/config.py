@@ -1,6 +1,9 @@
 """Service configuration: defaults, then ``config/service_config.yaml``, then environment
-variables (``OLLAMA_SERVER_<KEY>``), then command-line flags. A bad value raises ConfigError
-naming the key.
+variables (``OLLAMA_SERVER_<KEY>``, and those of the file ``OLLAMA_SERVER_ENV_FILE`` names), then
+command-line flags. A bad value raises ConfigError naming the key.
+
+``ConfigSource`` remembers where a configuration came from so that it can be loaded again, with
+the same precedence, when the service is told to reload (SIGHUP).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Config:
     gguf_dirs: list[str] = field(default_factory=list)  # folders of plain *.gguf files
     llama_cpp_path: str | None = None  # a llama.cpp build folder or the llama-server binary
     default_context_size: int = 8192  # cap on the context a model is loaded with
-    default_model: str = "smollm2:135m"
+    default_model: str | None = "smollm2:135m"  # None: the first model available
     tensor_split: list[float] | None = None
     gpu_layers: int | None = None  # -ngl; None lets llama-server decide
     threads: int = 0  # 0: llama-server's choice
@@ -97,18 +100,41 @@ class Config:
     # used when a request sets no limit, "cap" lowers any larger request to it.
     token_limits: dict[str, dict[str, int]] = field(default_factory=dict)
     max_json_depth: int = 64  # deepest nesting of arrays and objects a JSON body may have
+    # --- deployment: reload and graceful stop (issue 11) ---------------------------------
+    # Seconds a stop (SIGTERM) waits for requests in flight before the engines are stopped.
+    shutdown_timeout: float = 30.0
 
     # --- derived paths -------------------------------------------------------------------
 
     @property
     def models_path(self) -> Path:
-        """``models_dir`` as an absolute path."""
-        return _abs(self.models_dir)
+        """The Ollama store (or GGUF folder) ``models_dir`` names, as an absolute path.
+
+        A store's ``blobs`` folder (as the original design's example config gives it) stands
+        for the store that holds it.
+        """
+        path = _abs(self.models_dir)
+        if path.name == "blobs" and not (path / "manifests").is_dir() and (
+                (path.parent / "manifests").is_dir() or any(path.glob("sha256-*"))):
+            return path.parent
+        return path
 
     @property
     def manifests_path(self) -> Path:
-        """The manifests folder of the Ollama store."""
-        return _abs(self.manifests_dir) if self.manifests_dir else self.models_path / "manifests"
+        """The manifests folder of the Ollama store: ``manifests_dir`` may name it or any folder
+        inside it (``manifests/registry.ollama.ai/library``); names resolve from its root."""
+        if not self.manifests_dir:
+            return self.models_path / "manifests"
+        return manifests_root(_abs(self.manifests_dir))
+
+    def update_from(self, new: "Config") -> None:
+        """Take every value of ``new`` (already validated) in one step.
+
+        Everything that holds this object (the app, the model manager, the handlers) sees the
+        new values from its next read; one dict update runs without a thread switch in between,
+        so no reader sees half of one configuration and half of the other.
+        """
+        self.__dict__.update(dict(new.__dict__))
 
     def validate(self) -> "Config":
         """Check every value; raise ConfigError naming the first bad key."""
@@ -120,7 +146,8 @@ class Config:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         if self.threads < 0:
             raise ConfigError(f"threads must be 0 (auto) or positive, got {self.threads}")
-        for key in ("request_timeout", "startup_timeout", "max_body_mb", "registry_timeout"):
+        for key in ("request_timeout", "startup_timeout", "max_body_mb", "registry_timeout",
+                    "shutdown_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.log_level.upper() not in LOG_LEVELS:
@@ -283,6 +310,21 @@ def _abs(path: str) -> Path:
     return p if p.is_absolute() else (Path.cwd() / p).resolve()
 
 
+def manifests_root(path: Path) -> Path:
+    """The root of the manifests tree (``<root>/<host>/<namespace>/<model>/<tag>``) that
+    ``path`` is, or lies in: the nearest folder named ``manifests``, else found from how deep
+    below ``path`` the first manifest file lies."""
+    for folder in (path, *path.parents):
+        if folder.name == "manifests":
+            return folder
+    if path.is_dir():
+        for depth in range(1, 5):  # tag files lie 4 levels below the root
+            if any(p.is_file() for p in path.glob("/".join(["*"] * depth))):
+                up = 4 - depth
+                return path.parents[up - 1] if up else path
+    return path
+
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
@@ -368,21 +410,64 @@ def _coerce_mapping(key: str, value: Any) -> Any:
     return {str(k): v for k, v in value.items()}
 
 
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of an environment file (systemd's EnvironmentFile format: ``#``
+    comments, optional quotes, an optional ``export``); ConfigError when it cannot be read."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"environment file {path} ({ENV_PREFIX}ENV_FILE) cannot be read: "
+                          f"{exc.strerror or exc}") from None
+    out: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"environment file {path}, line {number}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def config_file(path: str | Path | None, environ: dict[str, str]) -> Path:
+    """The YAML file a load reads: ``path``, else ``OLLAMA_SERVER_CONFIG``, else the default."""
+    if path:
+        return Path(path)
+    if environ.get(ENV_PREFIX + "CONFIG"):
+        return Path(environ[ENV_PREFIX + "CONFIG"])
+    return DEFAULT_CONFIG_FILE
+
+
+def effective_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a load reads: the process's (or ``environ``), with the variables of the
+    file ``OLLAMA_SERVER_ENV_FILE`` names laid over it (read afresh on every load)."""
+    env = dict(os.environ if environ is None else environ)
+    env_file = env.get(ENV_PREFIX + "ENV_FILE")
+    if env_file and Path(env_file).expanduser().exists():
+        env.update(read_env_file(env_file))
+    return env
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 environ: dict[str, str] | None = None) -> Config:
     """Build the configuration from the YAML file, the environment, and ``overrides``."""
-    environ = dict(os.environ if environ is None else environ)
+    environ = effective_environ(environ)
     values: dict[str, Any] = {}
-    file_path = Path(path) if path else (
-        Path(environ[ENV_PREFIX + "CONFIG"]) if environ.get(ENV_PREFIX + "CONFIG")
-        else DEFAULT_CONFIG_FILE)
+    file_path = config_file(path, environ)
     if path and not file_path.is_file():
         raise ConfigError(f"config file {file_path} does not exist")
     if file_path.is_file():
         try:
             loaded = yaml.safe_load(file_path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {file_path} is not valid YAML: {exc}") from None
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"config file {file_path} is not valid YAML{at}: "
+                              f"{getattr(exc, 'problem', None) or exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {file_path} must hold a mapping of keys")
         for key, value in loaded.items():
@@ -407,3 +492,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"unknown setting {key!r}")
         values[key] = _coerce(key, value)
     return Config(**values).validate()
+
+
+@dataclass
+class ConfigSource:
+    """How a configuration was built (file, flags), so that it can be built again on reload:
+    the file and the environment are read afresh, the command-line flags still win."""
+
+    path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, environ: dict[str, str] | None = None) -> Config:
+        """A new, validated Config from the same sources (ConfigError naming the key)."""
+        return load_config(self.path, self.overrides, environ)
+
+    def describe(self, environ: dict[str, str] | None = None) -> dict[str, Any]:
+        """Where the values come from: the YAML file (None when absent) and the env file."""
+        env = dict(os.environ if environ is None else environ)
+        file_path = config_file(self.path, env)
+        return {"file": str(file_path.resolve()) if file_path.is_file() else None,
+                "env_file": env.get(ENV_PREFIX + "ENV_FILE") or None,
+                "flags": sorted(self.overrides)}

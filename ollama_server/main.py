@@ -1,19 +1,44 @@
-"""Entry point: ``python -m ollama_server.main --model-dir DIR --llama-cpp-dir DIR --port 11435``.
+"""Entry point: ``python -m ollama_server.main --model-dir DIR --llama-cpp-dir DIR --port 11435``
+(``python ollama_server/main.py …`` works too).
 
 Serves the app under gunicorn with one worker process (the engines are its children, so all
-state lives in one process) and a thread pool for concurrent streams. SIGTERM and SIGINT stop
-the service and every llama-server with it.
+state lives in one process) and a thread pool for concurrent streams. Signals to the process
+started (gunicorn's master):
+
+- ``SIGHUP``: reload the configuration without a restart (in the worker; see reload.py).
+- ``SIGUSR2``: zero-downtime update. A new master runs the checkout's current code beside the
+  old one, on the same listening socket; once its worker has loaded the app, the worker tells
+  systemd the new master is the unit's main process and stops the old master, which drains.
+  New code that fails to start leaves the old service running as it was.
+- ``SIGTERM`` / ``SIGINT``: graceful stop. No new connections; requests in flight get up to
+  ``shutdown_timeout`` seconds; then every llama-server is stopped.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script (`python ollama_server/main.py`, the original design's command, which is
+    # also what gunicorn executes again on SIGUSR2): run the package's module instead, so that
+    # its relative imports work. The script's own folder leaves sys.path: its modules must not
+    # shadow top-level ones.
+    import runpy
+
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    runpy.run_module("ollama_server.main", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
+
 import argparse
 import atexit
 import logging
-import sys
+import math
+import os
+import signal
 from typing import Any
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, ConfigSource
 from .utils.logging import setup_logging
 
 log = logging.getLogger("ollama_server")
@@ -49,53 +74,130 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(argv: list[str] | None = None) -> Config:
-    """Parse flags and build the configuration (ConfigError on a bad value)."""
+def source_from_args(argv: list[str] | None = None) -> ConfigSource:
+    """Parse flags into where the configuration comes from (file and flag overrides)."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     if args.debug:
         overrides["log_level"] = "DEBUG"
-    return load_config(args.config, overrides)
+    return ConfigSource(args.config, overrides)
 
 
-def create_service_app(config: Config) -> Any:
+def config_from_args(argv: list[str] | None = None) -> Config:
+    """Parse flags and build the configuration (ConfigError on a bad value)."""
+    return source_from_args(argv).load()
+
+
+def create_service_app(config: Config, source: ConfigSource | None = None) -> Any:
     """The app with its engines tied to this process's exit."""
     from .api.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, source=source)
     manager = app.extensions["ollama_server"].manager
     atexit.register(manager.shutdown)
     return app
 
 
-def serve(config: Config) -> None:
+# Seconds the master gives the worker beyond shutdown_timeout to stop its engines before it
+# kills the worker (a killed worker could not stop them).
+ENGINE_STOP_MARGIN = 20
+
+
+def serve(config: Config, source: ConfigSource | None = None) -> None:
     """Run gunicorn in this process (one worker, many threads)."""
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.gthread import ThreadWorker
+
+    class DrainingWorker(ThreadWorker):
+        def set_accept_enabled(self, enabled: bool) -> None:
+            super().set_accept_enabled(enabled)
+            if not self.alive and self.sockets:
+                # Stopping: let go of the listening socket now rather than after the drain,
+                # so that new connections are refused at once (or, during an update, go to
+                # the new master, which holds the same socket) instead of waiting in its
+                # queue for a worker that will never accept them.
+                for listener in self.sockets:
+                    listener.close()
+                self.sockets = []
+
+    class ServiceArbiter(Arbiter):
+        def handle_hup(self) -> None:
+            # gunicorn's own SIGHUP starts a new worker, and every engine with it; ours
+            # reloads the configuration inside the running worker.
+            self.log.info("SIGHUP: the worker reloads the configuration")
+            self.kill_workers(signal.SIGHUP)
 
     class Service(BaseApplication):
         def load_config(self) -> None:
             settings = {
                 "bind": f"{config.host}:{config.port}",
                 "workers": 1,
-                "worker_class": "gthread",
+                "worker_class": DrainingWorker,
                 "threads": config.threads_http,
                 "timeout": 0,  # streams may run for minutes; the engines have their own limit
-                "graceful_timeout": 15,
+                # The worker drains for shutdown_timeout (set in _post_worker_init).
+                "graceful_timeout": math.ceil(config.shutdown_timeout + ENGINE_STOP_MARGIN),
                 "keepalive": 5,
                 "loglevel": "debug" if config.log_level == "DEBUG" else "warning",
                 "accesslog": "-" if config.log_level == "DEBUG" else None,
+                "post_worker_init": _post_worker_init,
                 "worker_exit": _worker_exit,
-                "proc_name": "ollama-server",
+                "proc_name": "llm-inference",
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:
             # Built inside the worker: engines are children of the process that serves.
-            return create_service_app(config)
+            return create_service_app(config, source)
 
-    log.info("serving on http://%s:%d", config.host, config.port)
+        def run(self) -> None:
+            try:
+                ServiceArbiter(self).run()
+            except RuntimeError as exc:
+                print(f"\nError: {exc}\n", file=sys.stderr)
+                raise SystemExit(1) from None
+
+    log.info("serving on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
     Service().run()
+
+
+def _post_worker_init(worker: Any) -> None:
+    """In the worker, once the app is loaded: drain for shutdown_timeout on SIGTERM, reload on
+    SIGHUP, and finish a zero-downtime update if this worker belongs to the new master."""
+    app = worker.wsgi
+    config = app.extensions["ollama_server"].config
+    worker.cfg.set("graceful_timeout", math.ceil(config.shutdown_timeout))
+    app.extensions["ollama_server_reloader"].install_signal_handler(signal.SIGHUP)
+    finish_update(os.environ.get("GUNICORN_PID"), worker.log)
+
+
+def finish_update(old_master: str | None, logger: Any) -> None:
+    """The last step of a SIGUSR2 update, run by the new master's worker once it can serve:
+    make the new master systemd's main process (with ``NotifyAccess=all``) and stop the old
+    master gracefully (it stops taking connections and drains its requests).
+
+    ``old_master`` is gunicorn's ``GUNICORN_PID`` (set only in a master started by SIGUSR2);
+    nothing happens unless it is the parent of this worker's master.
+    """
+    if not old_master or not old_master.isdigit():
+        return
+    from gunicorn import systemd
+
+    from .user_service import parent_of
+
+    master, old = os.getppid(), int(old_master)
+    if parent_of(master) != old:
+        return
+
+    systemd.sd_notify(f"MAINPID={master}", logger)
+    log.info("update: the new master %d serves; stopping the old master %d gracefully", master,
+             old)
+    try:
+        os.kill(old, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def _worker_exit(server: Any, worker: Any) -> None:
@@ -110,7 +212,8 @@ def _worker_exit(server: Any, worker: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Configure, check the engine, and serve."""
     try:
-        config = config_from_args(argv)
+        source = source_from_args(argv)
+        config = source.load()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -127,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(an Ollama store such as ~/.ollama/models) or run `make models`",
               file=sys.stderr)
         return 2
-    config.llama_cpp_path = str(binary)
     log.info("engine: %s; models: %s", binary, config.models_path)
-    serve(config)
+    serve(config, source)
     return 0
 
 

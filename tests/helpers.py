@@ -152,6 +152,17 @@ class FakeExecutor:
         return "".join(m.content for m in req.messages or [])
 
 
+def wait_for(check, what: str, timeout: float = 60.0, every: float = 0.1):
+    """``check()``'s first truthy value; AssertionError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -190,10 +201,15 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServiceProcess:
-    """The real service (``python -m ollama_server.main``) on a free port."""
+    """The real service (``python -m ollama_server.main``) on a free port.
 
-    def __init__(self, tmp: Path, models_dir: Path = REAL_MODELS, extra_env: dict | None = None,
-                 args: list[str] | None = None) -> None:
+    ``models_dir=None`` leaves the models folder to the config file; ``script=True`` starts it
+    as ``python ollama_server/main.py`` (the original design's command).
+    """
+
+    def __init__(self, tmp: Path, models_dir: Path | None = REAL_MODELS,
+                 extra_env: dict | None = None, args: list[str] | None = None,
+                 script: bool = False) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / "service.out"
@@ -202,9 +218,10 @@ class ServiceProcess:
                     "OLLAMA_SERVER_KEEP_ALIVE": "600"})
         env.update(extra_env or {})
         self._log = open(self.log_path, "wb")
+        entry = ["ollama_server/main.py"] if script else ["-m", "ollama_server.main"]
+        models = ["--model-dir", str(models_dir)] if models_dir is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ollama_server.main", "--model-dir", str(models_dir),
-             "--port", str(self.port), *(args or [])],
+            [sys.executable, *entry, *models, "--port", str(self.port), *(args or [])],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.engine_pids: set[int] = set()
 

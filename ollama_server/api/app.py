@@ -10,7 +10,7 @@ import uuid
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from ..config import Config
+from ..config import Config, ConfigSource
 from ..core.errors import (
     InvalidRequest,
     NotFound,
@@ -20,6 +20,7 @@ from ..core.errors import (
 from ..core.request_tracker import RequestTracker
 from ..metrics import ServiceMetrics
 from ..models.manager import ModelManager
+from ..reload import ConfigReloader
 from ..utils.logging import isolate_request_context, request_id_var
 from .common import as_service_error, error_response
 from .handlers import Services
@@ -48,8 +49,10 @@ def _register_blueprints(app: Flask) -> None:
 
 
 def create_app(config: Config, manager: ModelManager | None = None,
-               tracker: RequestTracker | None = None) -> Flask:
-    """Build the app; ``manager`` and ``tracker`` may be injected (tests)."""
+               tracker: RequestTracker | None = None,
+               source: ConfigSource | None = None) -> Flask:
+    """Build the app; ``manager`` and ``tracker`` may be injected (tests). With ``source``
+    (where ``config`` was read from) the app can reload its configuration (reload.py)."""
     app = Flask(__name__, static_folder=None)  # no static files: not a route to guard
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -59,6 +62,7 @@ def create_app(config: Config, manager: ModelManager | None = None,
     app.extensions["ollama_server"] = svc
     # Per-app registry: tests build several apps in one process.
     app.extensions["ollama_server_metrics"] = ServiceMetrics(svc.tracker, svc.manager)
+    app.extensions["ollama_server_reloader"] = ConfigReloader(app, source)
     # Request ids in logs: one context per request, its streamed body included.
     app.wsgi_app = isolate_request_context(app.wsgi_app)  # type: ignore[method-assign]
     _register_blueprints(app)

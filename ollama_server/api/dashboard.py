@@ -47,7 +47,7 @@ def dashboard_state() -> dict:
     return {
         "time": time.time(),
         "uptime_s": round(time.time() - STARTED_AT, 1),
-        "default_model": svc.config.default_model,
+        "default_model": svc.manager.default_model_name(),
         "models_available": available,
         "models": loaded_models_view(gpu),
         "queues": queues,

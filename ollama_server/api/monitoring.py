@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -83,9 +84,13 @@ def health() -> Response:
     body: dict = {"status": "ok", "models_loaded": loaded_models_view(gpu),
                   "requests_in_flight": svc.tracker.count_active(),
                   "gpu": None if gpu is None else gpu.to_dict()}
+    # Which process answered, and when and from where its configuration was loaded (reload).
+    body["pid"] = os.getpid()
+    body["config"] = current_app.extensions["ollama_server_reloader"].status()
     try:
         body["engine"] = str(svc.manager.engine_settings().binary)
         body["models_available"] = len(svc.manager.list_models())
+        body["default_model"] = svc.manager.default_model_name()
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
         body.update(status="unhealthy", error=str(exc))
         return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
@@ -99,7 +104,7 @@ def health() -> Response:
     failed = svc.manager.failed_models()
     if failed:
         body["failed_models"] = failed
-        default = (svc.manager.config.default_model or "").lower()
+        default = (svc.manager.default_model_name() or "").lower()
         default_failed = any(f["name"].lower() in (default, f"{default}:latest")
                              for f in failed)
         body["status"] = "unhealthy" if default_failed else "degraded"

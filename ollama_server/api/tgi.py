@@ -2,9 +2,9 @@
 ``/tokenize``; and the shared paths ``/generate`` and ``/tokenize``, told apart by body key
 (``inputs`` → TGI, ``prompt``/``messages`` → vLLM; API-REFERENCE.md §8).
 
-TGI routes have no ``model`` field: they serve ``config.default_model``. The placeholder model
-names TGI clients send to ``/v1/chat/completions`` (``tgi``, ``dummy``) are registered as
-aliases of the default model.
+TGI routes have no ``model`` field: they serve the default model (``default_model``, or the
+first model when it is null). The placeholder model names TGI clients send to
+``/v1/chat/completions`` (``tgi``, ``dummy``) are registered as aliases of the default model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def sse(obj: Any) -> bytes:
 def _prepare(body: dict[str, Any], stream: bool) -> tuple[tg.TGIRequest, list[dict[str, Any]]]:
     """Validate, tokenize with the engine, apply the length rules and truncation."""
     svc = services()
-    model = svc.config.default_model
+    model = svc.manager.default_model_name()
     tgi = tg.tgi_generate_to_internal(body, model, stream)
     with with_engine(model) as (engine, info):
         pieces = engine.tokenize(tgi.inputs, add_special=True, with_pieces=True)
@@ -145,7 +145,7 @@ def compat_generate() -> Response:
 def info() -> Response:
     """TGI ``/info`` for the default model."""
     svc = services()
-    model = svc.manager.resolve(svc.config.default_model)
+    model = svc.manager.resolve(svc.manager.default_model_name())
     entry = svc.manager.loaded_entry(model.name)
     max_total = max(svc.manager.context_for(model), entry.ctx_size if entry else 0)
     return jsonify(tg.tgi_info(model.name, max_total, svc.config.parallel * 32,
@@ -166,7 +166,7 @@ def tokenize() -> Response:
                                    "missing field `inputs`")
         if not inputs:
             raise tg.TGIValidation("`inputs` cannot be empty")
-        with with_engine(services().config.default_model) as (engine, _info):
+        with with_engine(services().manager.default_model_name()) as (engine, _info):
             pieces = engine.tokenize(inputs, add_special=True, with_pieces=True)
     except ServiceError as exc:
         return error_response(exc, "tgi")

@@ -25,7 +25,7 @@ def vllm_tokenize(body: dict[str, Any]) -> Response:
     """vLLM ``/tokenize``: ``prompt`` or chat ``messages`` → ``{count, max_model_len, tokens,
     token_strs}``, with the model's own tokenizer and chat template."""
     svc = services()
-    tok = vl.vllm_tokenize_request(body, svc.config.default_model)
+    tok = vl.vllm_tokenize_request(body, svc.manager.default_model_name())
     with with_engine(tok.model, template_of=tok.chat) as (engine, _info):
         text = engine.apply_template(tok.chat) if tok.chat is not None else tok.prompt
         pieces = engine.tokenize(text or "", add_special=tok.add_special_tokens,
@@ -39,7 +39,7 @@ def detokenize() -> Response:
     """vLLM ``/detokenize``: ``{model?, tokens}`` → ``{prompt}``."""
     body = json_body()
     tokens = vl.vllm_detokenize_tokens(body)
-    model = body.get("model") or services().config.default_model
+    model = body.get("model") or services().manager.default_model_name()
     with with_engine(model) as (engine, info):
         return jsonify({"prompt": engine.detokenize(check_token_ids(tokens, info, "tokens"))})
 
@@ -61,7 +61,7 @@ def vllm_generate(body: dict[str, Any]) -> Response:
     """vLLM's legacy demo ``/generate``: ``{"text": [prompt + output]}``; streamed as one
     JSON object per line with the cumulative text."""
     svc = services()
-    model = body.get("model") or svc.config.default_model
+    model = body.get("model") or svc.manager.default_model_name()
     req = vl.vllm_generate_to_internal(body, model)
     stream = body.get("stream") is True
     req.stream = stream

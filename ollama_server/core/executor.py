@@ -633,6 +633,10 @@ class LLAMAExecutor:
     def failure(self, message: str) -> EngineFailed:
         """An EngineFailed for ``message``, noting a crash so the next request restarts it."""
         proc = self._proc
+        if self._state in (EngineState.STOPPING, EngineState.STOPPED):
+            # Not a crash: stop() ended it (shutdown past shutdown_timeout, unload, restart).
+            return EngineFailed(f"{message}: the service stopped this engine (it is shutting "
+                                f"down, or unloaded or restarted the model)")
         if proc is not None:
             try:
                 code = proc.wait(timeout=0.5)

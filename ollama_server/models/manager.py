@@ -48,6 +48,8 @@ class LoadedModel:
     expires_at: float | None  # monotonic deadline; None: never while idle
     keep_alive: float
     in_flight: int = 0
+    # An engine with new settings (config reload) that replaces ``engine`` once it is idle.
+    pending: LLAMAExecutor | None = None
 
     @property
     def ctx_size(self) -> int:
@@ -67,6 +69,14 @@ def pick_evictions(loaded: dict[str, LoadedModel], wanted: str, cap: int) -> lis
     return [m.info.name for m in idle[:need]]
 
 
+def same_engine(running: Any, fresh: Any) -> bool:
+    """True when ``fresh`` (made from the current settings) would run the same llama-server as
+    ``running``: same command line when both have one, else equal settings."""
+    if hasattr(running, "command") and hasattr(fresh, "command"):
+        return running.command(0) == fresh.command(0)
+    return getattr(running, "settings", None) == getattr(fresh, "settings", None)
+
+
 class ModelManager:
     """Finds models and hands out ready engines for them."""
 
@@ -77,6 +87,7 @@ class ModelManager:
         self.store = OllamaStore(config.models_path, config.manifests_path)
         self.clock = clock
         self._engine_binary = engine_binary
+        self._binary_for = config.llama_cpp_path  # the llama_cpp_path it was resolved from
         self._factory = executor_factory or self._default_factory
         self._lock = threading.Condition()
         self._loaded: dict[str, LoadedModel] = {}
@@ -100,6 +111,7 @@ class ModelManager:
             from ..provision.engine import resolve_binary
 
             self._engine_binary = resolve_binary(self.config.llama_cpp_path)
+            self._binary_for = self.config.llama_cpp_path
         c = self.config
         over = c.engine_overrides(model) if model else {}
         return EngineSettings(binary=self._engine_binary, threads=c.threads,
@@ -266,8 +278,16 @@ class ModelManager:
                 return info
         alias = self.aliases.get((name or "").strip().lower())
         if alias is not None:  # only when no real model has that name
-            return self.resolve(alias or self.config.default_model)
+            return self.resolve(alias or self.default_model_name())
         raise ModelNotFound(name or "")
+
+    def default_model_name(self) -> str | None:
+        """The configured default model; with ``default_model`` unset (null), the first model
+        available (by name), or None when there is none."""
+        if self.config.default_model:
+            return self.config.default_model
+        models = self.list_models()
+        return models[0].name if models else None
 
     def add_alias(self, name: str, target: str = "") -> None:
         """Make ``name`` resolve to ``target`` (empty: the default model) when no model of
@@ -330,6 +350,8 @@ class ModelManager:
                     raise Overloaded("every loaded model is busy and the cap on loaded models "
                                      f"({self.config.max_loaded_models}) is reached")
                 self._lock.wait(timeout=0.5)
+            if entry is not None and entry.pending is not None and entry.in_flight == 0:
+                to_stop.append(self._take_pending(entry))
             if entry is None:
                 to_stop += self._free_workers_locked(info, deadline)
                 ctx = self.context_for(info, num_ctx)
@@ -420,6 +442,7 @@ class ModelManager:
         if slot:
             self.queue.leave(name)
         stop: LLAMAExecutor | None = None
+        restart: tuple[LLAMAExecutor, LoadedModel] | None = None
         with self._lock:
             entry = self._loaded.get(name)
             if entry is None:
@@ -431,13 +454,19 @@ class ModelManager:
             if entry.in_flight == 0:
                 if entry.keep_alive == 0:
                     stop = self._loaded.pop(name).engine
-                elif entry.keep_alive < 0:
-                    entry.expires_at = None
+                    entry.pending = None  # never started: nothing to stop
                 else:
-                    entry.expires_at = self.clock() + entry.keep_alive
+                    if entry.keep_alive < 0:
+                        entry.expires_at = None
+                    else:
+                        entry.expires_at = self.clock() + entry.keep_alive
+                    if entry.pending is not None:
+                        restart = (self._take_pending(entry), entry)
             self._lock.notify_all()
         if stop is not None:
             stop.stop()
+        if restart is not None:
+            self._restart(*restart)
 
     def unload(self, name: str) -> bool:
         """Stop a model's engine now; False when it was not loaded."""
@@ -476,6 +505,80 @@ class ModelManager:
                 log.info("keep_alive expired for %s; unloading", engine.name)
                 engine.stop()
 
+    # --- configuration reload --------------------------------------------------------------
+
+    def apply_config(self) -> None:
+        """Bring the live state in line with the configuration just swapped into
+        ``self.config`` (a reload): the store's folders, the engine binary, the cap on loaded
+        models, and each loaded model's engine.
+
+        An engine whose llama-server command line (or settings) would now differ is restarted
+        with the new settings once it is idle; the others keep running (settings that are not on
+        the command line, such as timeouts, are taken over in place).
+        """
+        c = self.config
+        if (self.store.root, self.store.manifests_dir) != (c.models_path, c.manifests_path):
+            log.info("model folders are now %s (manifests %s)", c.models_path, c.manifests_path)
+            self.store = OllamaStore(c.models_path, c.manifests_path)
+        if self._binary_for != c.llama_cpp_path:
+            self._engine_binary = None  # resolved again, from the new llama_cpp_path
+        stop: list[LLAMAExecutor] = []
+        restart: list[tuple[LLAMAExecutor, LoadedModel]] = []
+        with self._lock:
+            over = len(self._loaded) - c.max_loaded_models
+            idle = sorted((e for e in self._loaded.values() if e.in_flight == 0),
+                          key=lambda e: e.last_used)
+            for entry in idle[:max(0, over)]:
+                log.info("unloading %s: max_loaded_models is now %d", entry.info.name,
+                         c.max_loaded_models)
+                stop.append(self._loaded.pop(entry.info.name).engine)
+            for entry in self._loaded.values():
+                fresh = self._factory(entry.info, entry.ctx_size)
+                if same_engine(entry.engine, fresh):
+                    if hasattr(entry.engine, "settings") and hasattr(fresh, "settings"):
+                        entry.engine.settings = fresh.settings
+                    entry.pending = None
+                    continue
+                entry.pending = fresh
+                if entry.in_flight == 0:
+                    restart.append((self._take_pending(entry), entry))
+                else:
+                    log.info("engine settings of %s changed: it restarts when its %d "
+                             "request(s) end", entry.info.name, entry.in_flight)
+            self._lock.notify_all()
+        for engine in stop:
+            engine.stop()
+        for old, entry in restart:
+            self._restart(old, entry)
+
+    def _take_pending(self, entry: LoadedModel) -> LLAMAExecutor:
+        """Put ``entry``'s pending engine in place (lock held); return the old one to stop."""
+        old, entry.engine, entry.pending = entry.engine, entry.pending, None
+        return old
+
+    def _restart(self, old: LLAMAExecutor, entry: LoadedModel) -> None:
+        """Stop ``old`` and start ``entry``'s new engine in the background: the model stays
+        loaded, and a request that comes meanwhile waits for the new engine."""
+        log.info("restarting the engine of %s with its new settings", entry.info.name)
+        old.stop()
+        engine = entry.engine
+
+        def start() -> None:
+            if self._closed:
+                return
+            try:
+                engine.ensure_ready()
+                self.failures.pop(entry.info.name, None)
+                if self._closed or self.loaded_entry(entry.info.name) is not entry:
+                    engine.stop()  # stopped or unloaded while it started
+            except EngineFailed as exc:
+                self.failures[entry.info.name] = {"error": exc.message, "at": time.time(),
+                                                  "engine": engine}
+                log.error("%s did not restart with its new settings: %s", entry.info.name,
+                          exc.message)
+
+        threading.Thread(target=start, daemon=True, name=f"restart-{entry.info.name}").start()
+
     def shutdown(self) -> None:
         """Stop every engine (the service is stopping)."""
         self._closed = True
@@ -483,6 +586,12 @@ class ModelManager:
             entries = list(self._loaded.values())
             self._loaded.clear()
             self._lock.notify_all()
-        for entry in entries:
-            entry.engine.stop()
+        # In parallel: each stop may wait out llama-server's grace period, and a stopping
+        # service has a deadline (shutdown_timeout).
+        stoppers = [threading.Thread(target=engine.stop, name=f"stop-{engine.name}")
+                    for entry in entries for engine in (entry.engine, entry.pending) if engine]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
 

@@ -40,6 +40,9 @@ _PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 _HOST = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,349}(:[0-9]{1,5})?$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}$")
 _DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+# Store files are readable by every user, as Ollama writes them: a service (or a container)
+# running as another user reads the store (mkstemp alone would leave them 0600).
+FILE_MODE = 0o644
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,7 @@ class OllamaStore:
         size = 0
         fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=self.blobs_dir)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as out:
                 for data in iter(lambda: stream.read(chunk), b""):
                     h.update(data)
@@ -311,6 +315,7 @@ class OllamaStore:
             manifest, separators=(",", ":")).encode()
         fd, tmp = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as out:
                 out.write(data)
                 out.flush()
@@ -333,6 +338,15 @@ class OllamaStore:
                        "size": cfg_size},
             "layers": layers,
         }
+
+    def make_readable(self, manifest_path: Path) -> None:
+        """Give a manifest and its blobs FILE_MODE (stores written before files had it)."""
+        manifest = self.read_manifest(manifest_path)
+        for path in [manifest_path] + [self.blob_path(entry["digest"]) for entry in
+                                       [manifest.get("config") or {}, *manifest.get("layers", [])]
+                                       if entry.get("digest")]:
+            if path.is_file() and path.stat().st_mode & 0o777 != FILE_MODE:
+                path.chmod(FILE_MODE)
 
     def referenced_blobs(self) -> set[str]:
         """Hex digests used by any manifest in the store (config and layers)."""

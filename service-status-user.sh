@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The llm-inference user service at a glance: unit state, pid, uptime, port, health, loaded
+# models and their devices, and recent errors from the journal.
+#   ./service-status-user.sh
+exec "$(dirname "${BASH_SOURCE[0]}")/systemd/user-service-tool.sh" status "$@"
