@@ -51,6 +51,7 @@ from .schemas import (
     ToolCallDelta,
     Usage,
 )
+from .spawn import popen_tied
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +545,7 @@ class LLAMAExecutor:
 
     def __init__(self, model_path: Path, settings: EngineSettings, ctx_size: int, *,
                  name: str = "", pooling: str | None = None, projector: Path | None = None,
-                 popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> None:
+                 popen: Callable[..., subprocess.Popen] = popen_tied) -> None:
         self.model_path = Path(model_path)
         self.settings = settings
         self.ctx_size = int(ctx_size)

@@ -12,7 +12,7 @@ import openai
 import pytest
 import requests
 
-from tests.helpers import ServiceProcess, pid_alive
+from tests.helpers import ServiceProcess, pid_alive, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +104,33 @@ def test_shutdown_stops_every_engine(tmp_path, real_models, engine_binary, sig):
         code = svc.stop(sig)
     assert code == 0, svc.log()
     assert not [p for p in engines if pid_alive(p)]
+
+
+def test_engines_die_with_a_killed_worker(tmp_path, real_models, engine_binary):
+    """kill -9 of the gunicorn worker (its timeout, the OOM killer) leaves no llama-server
+    running on: the kernel kills it (PR_SET_PDEATHSIG), and the new worker starts its own."""
+    svc = ServiceProcess(tmp_path, real_models)
+    try:
+        svc.wait_ready()
+        r = requests.post(svc.base_url + "/v1/completions", timeout=120,
+                          json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        (worker,) = svc.worker_pids()
+        (engine,) = svc.engines()
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(engine), "the orphaned llama-server to be killed", 30)
+        svc.wait_ready()  # gunicorn's master starts a new worker, which loads its own engine
+        r = requests.post(svc.base_url + "/v1/completions", timeout=120,
+                          json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert [p for p in svc.engines() if p != engine]
+        # And when the whole service is killed at once, nothing is left either.
+        engines = svc.engines()
+        workers = svc.worker_pids()
+        os.kill(svc.proc.pid, signal.SIGKILL)
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        for pid in engines:
+            wait_for(lambda pid=pid: not pid_alive(pid), f"llama-server {pid} to be killed", 30)
+    finally:
+        svc.stop()
