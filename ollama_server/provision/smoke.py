@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.exits import describe_exit
+from ..core.spawn import popen_tied
 
 
 class SmokeFailed(RuntimeError):
@@ -43,8 +44,8 @@ class _Child:
     def __init__(self, cmd: list[str], what: str) -> None:
         self.what = what
         self.out = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = popen_tied(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self, limit: int = 6000) -> str:
         self.out.seek(0)
