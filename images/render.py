@@ -48,14 +48,19 @@ def render(source: Path) -> None:
                              f"{message}")
 
 
-def write_stamp(sources: list[Path]) -> None:
-    """``diagrams.sha256`` (sha256sum's format) for every source and its pictures."""
-    lines = []
-    for source in sorted(sources):
+def write_stamp(rendered: list[Path]) -> None:
+    """``diagrams.sha256`` (sha256sum's format): new checksums for the sources just rendered
+    and their pictures; the lines of the other diagrams are kept as they were, so a source
+    edited but not rendered still shows as out of date."""
+    entries: dict[str, str] = {}
+    if STAMP.is_file():
+        for line in STAMP.read_text().splitlines():
+            digest, _, name = line.partition("  ")
+            entries[name] = digest
+    for source in rendered:
         for path in (source, *(source.with_suffix(f".{fmt}") for fmt in FORMATS)):
-            if path.is_file():  # a picture never rendered: the test names it
-                lines.append(f"{sha256(path)}  {path.name}\n")
-    STAMP.write_text("".join(lines))
+            entries[path.name] = sha256(path)
+    STAMP.write_text("".join(f"{entries[name]}  {name}\n" for name in sorted(entries)))
 
 
 def main(argv: list[str]) -> int:
@@ -79,7 +84,7 @@ def main(argv: list[str]) -> int:
         render(source)
         print(f"{', '.join(source.with_suffix('.' + f).name for f in FORMATS)} "
               f"({time.monotonic() - began:.1f} s)", flush=True)
-    write_stamp(every)
+    write_stamp(wanted)
     print(f"docs: {len(wanted)} diagram(s) rendered; checksums in {STAMP.name}")
     return 0
 
