@@ -11,7 +11,8 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
-        test-fast fuzz lint bench bench-split clean rpc-worker container-tools base-image image
+        test-fast fuzz lint bench bench-split clean rpc-worker container-tools base-image image \
+        docs docs-tools
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
@@ -20,6 +21,7 @@ help:
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
 	@echo "make registry | lint | bench | bench-split"
 	@echo "make container-tools | base-image | image   (podman; see README, Deployment)"
+	@echo "make docs   - render the diagrams in images/ (PlantUML) to PNG and SVG"
 	@echo "make clean"
 
 venv: $(STAMP)
@@ -118,6 +120,23 @@ image: base-image
 	  -t $(IMAGE) -f Containerfile . && \
 	echo "built $(IMAGE) in $$(( $$(date +%s) - start ))s: $$($(PODMAN) image inspect $(IMAGE) \
 	  --format '{{.Size}}' | awk '{printf "%.0f MB", $$1 / 1e6}')"
+
+# Debian's PlantUML and Graphviz for `make docs` (as root or through sudo, never interactive).
+# Only `make docs` needs them: the pictures are committed, and `make test` checks them without.
+docs-tools:
+	@command -v plantuml >/dev/null 2>&1 && command -v dot >/dev/null 2>&1 || { \
+	  echo "installing Debian's plantuml and graphviz for make docs"; \
+	  ( $(APT_INSTALL) --no-install-recommends plantuml graphviz >/dev/null ) || { \
+	    echo "make docs needs plantuml and dot (Graphviz), and could not install them:" \
+	      "run 'sudo apt-get install plantuml graphviz' (Debian/Ubuntu) and try again" >&2; \
+	    exit 1; }; }
+
+# The six diagrams of README.adoc from their sources (images/*.puml), offline: PNG and SVG
+# beside each source, and images/diagrams.sha256 (tests/unit/test_diagrams.py checks it).
+# `make docs DIAGRAMS=architecture` renders one.
+DIAGRAMS ?=
+docs: docs-tools
+	$(PYTHON) images/render.py $(DIAGRAMS)
 
 setup: venv engine models
 
