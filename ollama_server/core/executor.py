@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 _ERROR_WORDS = ("error", "failed", "fatal", "abort", "cannot", "unable", "invalid", "exception",
                 "terminate", "out of memory", "what()")
+_ERROR_TEXT = re.compile("|".join(re.escape(w) for w in _ERROR_WORDS), re.IGNORECASE)
+_ERROR_RE = re.compile(_ERROR_TEXT.pattern.encode(), re.IGNORECASE)  # the same, on raw bytes
 
 
 # llama-server's log prefix (uptime and level, "0.07.010.775 I "): dropped in error messages.
@@ -621,13 +623,46 @@ class LLAMAExecutor:
         return " | ".join(_LOG_PREFIX.sub("", line).strip() for line in lines)
 
     def _read_stderr(self, proc: subprocess.Popen) -> None:
+        """Keep llama-server's log: its last lines, its error lines, the load report.
+
+        The engine logs a few lines per slot for every request (at 32 slots, about 60 lines as
+        a request starts). Handled line by line in Python, that holds the GIL for milliseconds
+        just when the request's first token is being relayed. So the log is read in blocks,
+        and a block with no error word, read after the engine is up and with debug logging
+        off, costs a decode, a split and one regex search, all in C."""
         assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            self._stderr.append(line)
+        fd = proc.stderr.fileno()
+        pending = b""
+        while True:
+            try:
+                block = os.read(fd, 65536)
+            except OSError:
+                block = b""
+            if not block:
+                if pending:
+                    self._take_lines(pending, each=True)
+                return
+            block = pending + block
+            cut = block.rfind(b"\n") + 1
+            if not cut and len(block) < 65536:
+                pending = block
+                continue
+            cut = cut or len(block)
+            pending = block[cut:]
+            self._take_lines(block[:cut], each=(self._state == EngineState.STARTING
+                                                or _ERROR_RE.search(block, 0, cut) is not None
+                                                or log.isEnabledFor(logging.DEBUG)))
+
+    def _take_lines(self, block: bytes, each: bool) -> None:
+        lines = block.decode("utf-8", errors="replace").splitlines()
+        self._stderr.extend(lines)
+        if not each:
+            return
+        for line in lines:
+            line = line.rstrip()
             if self._state == EngineState.STARTING:
                 self.report.feed(line)
-            if any(word in line.lower() for word in _ERROR_WORDS):
+            if _ERROR_TEXT.search(line):
                 self._errors.append(line)
             log.debug("[%s] %s", self.name, line)
 
