@@ -3,7 +3,7 @@
 
 Starts a llama-server directly with the flags the service gives its own engine, and the service
 (``python -m ollama_server.main``) on the same model; sends the same streamed chat requests to
-both, in interleaved rounds, at concurrency 1 and 8; prints time to first token, per-stream
+both, in interleaved rounds, at concurrency 1, 8 and 32; prints time to first token, per-stream
 decode tokens/s and aggregate tokens/s for both, and their ratios. Results also go to
 ``bench/results/<time>.json``.
 
@@ -128,14 +128,18 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2:135m")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--parallel", type=int, default=8, help="slots per engine (both sides)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--parallel", type=int, default=None,
+                    help="slots per engine, both sides (default: the service's default)")
     ap.add_argument("--ttft-samples", type=int, default=60,
                     help="short single requests per side for the time-to-first-token figure")
     args = ap.parse_args()
 
-    config = load_config(overrides={"models_dir": args.model_dir, "parallel": args.parallel},
-                         environ={})
+    overrides = {"models_dir": args.model_dir}
+    if args.parallel is not None:
+        overrides["parallel"] = args.parallel
+    config = load_config(overrides=overrides, environ={})
+    args.parallel = config.parallel
     manager = ModelManager(config)
     info = manager.resolve(args.model)
     settings = manager.engine_settings()

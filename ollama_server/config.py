@@ -46,7 +46,7 @@ class Config:
     gpu_layers: int | None = None  # -ngl; None lets llama-server decide
     threads: int = 0  # 0: llama-server's choice
     batch_size: int = 512
-    parallel: int = 4  # parallel slots per model (continuous batching)
+    parallel: int = 32  # parallel slots per model (continuous batching; see README, Performance)
     max_loaded_models: int = 3
     keep_alive: float = 300.0  # seconds a model stays loaded after its last request
     request_timeout: float = 600.0
