@@ -167,3 +167,34 @@ def test_chat_parser_reports_the_prompt_size_once_from_the_first_timings():
     again = parser.process({"choices": [{"delta": {"content": "!"}}],
                             "timings": {"prompt_n": 5, "cache_n": 20, "predicted_n": 2}})
     assert again == [TextDelta("!")]
+
+
+def test_engine_log_is_kept_in_blocks_with_its_error_lines(tmp_path):
+    """The stderr reader keeps the last lines and every error line, whether a block is read
+    line by line (while starting) or at once (when ready), and a last line with no newline."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from ollama_server.core.executor import EngineState, LLAMAExecutor
+
+    ex = LLAMAExecutor(tmp_path / "m.gguf", EngineSettings(binary=tmp_path / "llama-server"), 512)
+    info = "".join(f"0.01.869.{i:03d} I slot process_sing: id {i} | saving idle slot\n"
+                   for i in range(300))
+    script = ("import sys, time; w = sys.stderr.write; f = sys.stderr.flush\n"
+              f"w({info!r}); f(); time.sleep(0.3)\n"
+              "w('0.02.000.000 E failed to allocate buffer of 9 MiB\\n'); f(); time.sleep(0.3)\n"
+              "w('last words without a newline')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ex._state = EngineState.READY  # the fast path: blocks with no error word are not split
+    reader = threading.Thread(target=ex._read_stderr, args=(proc,))
+    reader.start()
+    reader.join(timeout=30)
+    proc.wait(timeout=30)
+    assert not reader.is_alive()
+    assert list(ex._errors) == ["0.02.000.000 E failed to allocate buffer of 9 MiB"]
+    assert ex._stderr[-1] == "last words without a newline"
+    assert ex._stderr[-3].endswith("id 299 | saving idle slot")
+    assert ex.stderr_tail() == "failed to allocate buffer of 9 MiB"
