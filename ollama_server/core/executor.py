@@ -63,6 +63,7 @@ _ERROR_RE = re.compile(_ERROR_TEXT.pattern.encode(), re.IGNORECASE)  # the same,
 
 # llama-server's log prefix (uptime and level, "0.07.010.775 I "): dropped in error messages.
 _LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ [DIWE] ")
+LOG_GATHER_S = 0.05  # a ready engine's log is read at most this often (see _read_stderr)
 
 
 class EngineState(enum.StrEnum):
@@ -560,6 +561,7 @@ class LLAMAExecutor:
         self._proc: subprocess.Popen | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=400)
         self._errors: collections.deque[str] = collections.deque(maxlen=20)
+        self._reader: threading.Thread | None = None
         self.port: int | None = None
         self.started_at: float | None = None
         self.restarts = 0  # starts after the first one (crash recovery, context changes)
@@ -649,9 +651,14 @@ class LLAMAExecutor:
                 continue
             cut = cut or len(block)
             pending = block[cut:]
-            self._take_lines(block[:cut], each=(self._state == EngineState.STARTING
-                                                or _ERROR_RE.search(block, 0, cut) is not None
-                                                or log.isEnabledFor(logging.DEBUG)))
+            each = (self._state == EngineState.STARTING or log.isEnabledFor(logging.DEBUG)
+                    or _ERROR_RE.search(block, 0, cut) is not None)
+            self._take_lines(block[:cut], each=each)
+            if not each:
+                # A request's burst of slot lines arrives in many small writes: let them
+                # gather in the pipe (64 KiB) instead of waking up for each one while the
+                # engine works on the request. failure() waits for the last lines.
+                time.sleep(LOG_GATHER_S)
 
     def _take_lines(self, block: bytes, each: bool) -> None:
         lines = block.decode("utf-8", errors="replace").splitlines()
@@ -691,6 +698,9 @@ class LLAMAExecutor:
             if down:
                 message += (f"; RPC worker {', '.join(down)} went away: the next request "
                             f"loads the model again once it is back")
+        reader = self._reader
+        if reader is not None and proc is not None and proc.poll() is not None:
+            reader.join(timeout=2 * LOG_GATHER_S + 0.5)  # the dead engine's last lines
         tail = self.stderr_tail()
         return EngineFailed(message + (f"; llama-server said: {tail}" if tail else ""))
 
@@ -778,8 +788,9 @@ class LLAMAExecutor:
         if self._starts:
             self.restarts += 1
         self._starts += 1
-        threading.Thread(target=self._read_stderr, args=(proc,), daemon=True,
-                         name=f"llama-stderr-{self.name}").start()
+        self._reader = threading.Thread(target=self._read_stderr, args=(proc,), daemon=True,
+                                        name=f"llama-stderr-{self.name}")
+        self._reader.start()
         deadline = time.monotonic() + self.settings.startup_timeout
         delay = 0.02
         while True:
