@@ -73,7 +73,8 @@ class Config:
     allow_public_rpc: bool = False  # workers have no authentication: private addresses only
     main_gpu: int | None = None  # --main-gpu
     fit_target_mib: int | None = None  # --fit-target: MiB --fit leaves free on each device
-    # Per-model overrides of rpc_servers, tensor_split, gpu_layers, main_gpu, fit_target_mib:
+    # Per-model overrides of rpc_servers, tensor_split, gpu_layers, main_gpu, fit_target_mib,
+    # parallel:
     # {"big-model:70b": {"rpc_servers": [...], "tensor_split": "1,1,2"}}.
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -171,6 +172,8 @@ class Config:
                     raise ConfigError(f"unknown key {prefix}{key}; a model may override "
                                       f"{', '.join(MODEL_SETTING_KEYS)}")
                 values[key] = _coerce(key, value, prefix)
+            if values.get("parallel", 1) < 1:
+                raise ConfigError(f"{prefix}parallel must be at least 1, got {values['parallel']}")
             _check_split_settings(values, self.allow_public_rpc, prefix)
             checked[model] = values
         self.model_settings = checked
@@ -274,7 +277,8 @@ def _check_token_limits(limits: dict[str, dict[str, int]]) -> None:
             raise ConfigError(f"token_limits: {model}.default is above its cap")
 
 
-MODEL_SETTING_KEYS = ("rpc_servers", "tensor_split", "gpu_layers", "main_gpu", "fit_target_mib")
+MODEL_SETTING_KEYS = ("rpc_servers", "tensor_split", "gpu_layers", "main_gpu", "fit_target_mib",
+                      "parallel")
 MAX_DEVICES = 16  # llama.cpp's LLAMA_MAX_DEVICES
 
 

@@ -148,8 +148,8 @@ def info() -> Response:
     model = svc.manager.resolve(svc.manager.default_model_name())
     entry = svc.manager.loaded_entry(model.name)
     max_total = max(svc.manager.context_for(model), entry.ctx_size if entry else 0)
-    return jsonify(tg.tgi_info(model.name, max_total, svc.config.parallel * 32,
-                               model.digest or "", svc.config.parallel))
+    slots = svc.manager.parallel_for(model.name)
+    return jsonify(tg.tgi_info(model.name, max_total, slots * 32, model.digest or "", slots))
 
 
 @bp.post("/tokenize")

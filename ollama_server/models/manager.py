@@ -121,13 +121,17 @@ class ModelManager:
                               rpc_servers=list(over.get("rpc_servers", c.rpc_servers)),
                               main_gpu=over.get("main_gpu", c.main_gpu),
                               fit_target_mib=over.get("fit_target_mib", c.fit_target_mib),
-                              parallel=c.parallel, embeddings=c.embeddings,
+                              parallel=over.get("parallel", c.parallel), embeddings=c.embeddings,
                               startup_timeout=c.startup_timeout,
                               request_timeout=c.request_timeout)
 
     def _default_factory(self, info: ModelInfo, ctx_size: int) -> LLAMAExecutor:
         return LLAMAExecutor(info.path, self.engine_settings(info.name), ctx_size,
                              name=info.name, pooling=info.pooling, projector=info.projector)
+
+    def parallel_for(self, model: str) -> int:
+        """The slots ``model`` runs with: its ``model_settings`` entry, else ``parallel``."""
+        return int(self.config.engine_overrides(model).get("parallel", self.config.parallel))
 
     def rpc_workers(self) -> list[str]:
         """Every RPC worker the configuration names (globally or for some model)."""
@@ -323,7 +327,8 @@ class ModelManager:
         """
         if slot:
             c = self.config
-            self.queue.enter(info.name, c.parallel, c.max_queue, c.request_timeout, abandoned)
+            self.queue.enter(info.name, self.parallel_for(info.name), c.max_queue,
+                             c.request_timeout, abandoned)
         try:
             if admitted is not None:
                 admitted()

@@ -13,6 +13,7 @@ import pytest
 
 from ollama_server.config import ConfigError, load_config
 from ollama_server.core.engine_report import LoadReport
+from ollama_server.core.errors import QueueFull
 from ollama_server.core.executor import EngineSettings, LLAMAExecutor
 from ollama_server.core.workers import (
     EndpointError,
@@ -204,6 +205,8 @@ def cfg(**overrides):
      ("model_settings.big:70b.rpc_servers", "public")),
     ({"model_settings": {"big:70b": {"threads": 4}}}, ("model_settings.big:70b.threads",)),
     ({"model_settings": {"big:70b": "fast"}}, ("model_settings.big:70b", "mapping")),
+    ({"model_settings": {"big:70b": {"parallel": 0}}},
+     ("model_settings.big:70b.parallel", "at least 1")),
 ])
 def test_bad_split_settings_name_the_key(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -245,6 +248,28 @@ def test_manager_applies_per_model_settings(tiny_store, tmp_path):
         assert big.rpc_servers == ["127.0.0.1:1", "127.0.0.1:2"]
         assert big.tensor_split == [1.0, 3.0] and big.gpu_layers == 99
         assert manager.rpc_workers() == ["127.0.0.1:50052", "127.0.0.1:1", "127.0.0.1:2"]
+    finally:
+        manager.shutdown()
+
+
+def test_a_model_may_run_with_its_own_slots(tiny_store):
+    """model_settings.<model>.parallel: the engine's --parallel and the model's queue."""
+    from ollama_server.models.manager import ModelManager
+
+    c = cfg(models_dir=str(tiny_store), parallel=32,
+            model_settings={"tiny": {"parallel": "2"}})
+    manager = ModelManager(c, engine_binary=Path("/bin/true"))
+    try:
+        assert manager.parallel_for("tiny:latest") == 2
+        assert manager.parallel_for("other:1b") == 32
+        cmd = " ".join(LLAMAExecutor(Path("/m.gguf"), manager.engine_settings("tiny"), 2048)
+                       .command(8080))
+        assert "--parallel 2 " in cmd
+        info = manager.resolve("tiny")
+        for _ in range(2):  # the two slots are taken without waiting ...
+            manager.queue.enter(info.name, manager.parallel_for(info.name), 0, 60)
+        with pytest.raises(QueueFull):  # ... and with max_queue 0 a third is refused
+            manager.queue.enter(info.name, manager.parallel_for(info.name), 0, 60)
     finally:
         manager.shutdown()
 
