@@ -673,6 +673,13 @@ class LLAMAExecutor:
                 self._errors.append(line)
             log.debug("[%s] %s", self.name, line)
 
+    def _await_last_lines(self, proc: subprocess.Popen) -> None:
+        """Once ``proc`` has exited, wait (briefly) until its log reader has taken every line
+        it wrote: the reader may be sleeping between blocks (LOG_GATHER_S)."""
+        reader = self._reader
+        if reader is not None and proc.poll() is not None:
+            reader.join(timeout=2 * LOG_GATHER_S + 0.5)
+
     def failure(self, message: str) -> EngineFailed:
         """An EngineFailed for ``message``, noting a crash so the next request restarts it."""
         proc = self._proc
@@ -698,9 +705,8 @@ class LLAMAExecutor:
             if down:
                 message += (f"; RPC worker {', '.join(down)} went away: the next request "
                             f"loads the model again once it is back")
-        reader = self._reader
-        if reader is not None and proc is not None and proc.poll() is not None:
-            reader.join(timeout=2 * LOG_GATHER_S + 0.5)  # the dead engine's last lines
+        if proc is not None:
+            self._await_last_lines(proc)
         tail = self.stderr_tail()
         return EngineFailed(message + (f"; llama-server said: {tail}" if tail else ""))
 
@@ -796,7 +802,7 @@ class LLAMAExecutor:
         while True:
             code = proc.poll()
             if code is not None:
-                time.sleep(0.05)  # let the stderr reader catch the last lines
+                self._await_last_lines(proc)
                 self._state = EngineState.FAILED
                 self.last_exit = code
                 self._reap(proc)
