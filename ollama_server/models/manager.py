@@ -121,7 +121,8 @@ class ModelManager:
                               rpc_servers=list(over.get("rpc_servers", c.rpc_servers)),
                               main_gpu=over.get("main_gpu", c.main_gpu),
                               fit_target_mib=over.get("fit_target_mib", c.fit_target_mib),
-                              parallel=over.get("parallel", c.parallel), embeddings=c.embeddings,
+                              parallel=self.parallel_for(model) if model else c.parallel,
+                              embeddings=c.embeddings,
                               startup_timeout=c.startup_timeout,
                               request_timeout=c.request_timeout)
 
