@@ -101,11 +101,7 @@ def service(tmp_path_factory, real_models, engine_binary):
     At the end it is stopped with SIGTERM, and no llama-server it started may remain.
     """
     svc = ServiceProcess(tmp_path_factory.mktemp("service"), real_models)
-    try:
-        svc.wait_ready()
-    except BaseException:
-        svc.stop()
-        raise
+    svc.ready_or_stopped()
     yield svc
     code = svc.stop()
     leftovers = [p for p in svc.engine_pids if pid_alive(p)]
@@ -135,10 +131,6 @@ def keyed_service(tmp_path_factory, real_models, engine_binary):
     svc = ServiceProcess(tmp, real_models, args=["--parallel", str(KEYED_PARALLEL)],
                          extra_env={"OLLAMA_SERVER_API_KEYS": str(keyfile),
                                     "OLLAMA_MAX_QUEUE": str(KEYED_MAX_QUEUE)})
-    try:
-        svc.wait_ready()
-    except BaseException:
-        svc.stop()
-        raise
+    svc.ready_or_stopped()
     yield svc
     assert svc.stop() == 0, svc.log()

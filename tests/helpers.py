@@ -238,6 +238,15 @@ class ServiceProcess:
             time.sleep(0.2)
         raise RuntimeError(f"service did not become healthy: {self.log()}")
 
+    def ready_or_stopped(self, timeout: float = 60) -> None:
+        """wait_ready(); when the service does not come up, stop it before raising (for
+        fixtures, whose teardown does not run when their setup fails)."""
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
     def worker_pids(self) -> list[int]:
         """The gunicorn worker (child of the master) that owns the engines."""
         out = []

@@ -91,11 +91,7 @@ def svc(tmp_path_factory, store_root, proxy, token_registry, engine_binary):
         "OLLAMA_SERVER_REGISTRY": proxy.address,
         "OLLAMA_SERVER_REGISTRY_AUTH": f"{token_registry.address}={USER}:{PASSWORD}",
         "OLLAMA_SERVER_REGISTRY_CONCURRENCY": "4"})
-    try:
-        service.wait_ready()
-    except BaseException:
-        service.stop()
-        raise
+    service.ready_or_stopped()
     yield service
     assert service.stop() == 0, service.log()
 

@@ -118,11 +118,7 @@ def start_service(tmp: Path, real_models: Path, settings: dict) -> ServiceProces
     svc = ServiceProcess(tmp, real_models, extra_env={
         "OLLAMA_SERVER_MODEL_SETTINGS": json.dumps(settings),
         "OLLAMA_SERVER_DEFAULT_MODEL": MODEL})
-    try:
-        svc.wait_ready()
-    except BaseException:
-        svc.stop()
-        raise
+    svc.ready_or_stopped()
     return svc
 
 
