@@ -19,7 +19,6 @@ ratios to the others. Results also go to ``bench/results/defaults-<time>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
@@ -34,10 +33,13 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
-from bench_overhead import free_port, run_batch, wait_http  # noqa: E402
-
-from ollama_server.config import load_config  # noqa: E402
-from ollama_server.models.manager import ModelManager  # noqa: E402
+from bench_overhead import (  # noqa: E402
+    free_port,
+    run_batch,
+    save_report,
+    service_engine,
+    wait_http,
+)
 
 
 def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -58,11 +60,8 @@ def main() -> int:
                     help="extra llama-server flags to measure as another contender")
     args = ap.parse_args()
 
-    config = load_config(overrides={"models_dir": args.model_dir}, environ={})
-    manager = ModelManager(config)
-    info = manager.resolve(args.model)
-    binary = manager.engine_settings().binary
-    manager.shutdown()
+    _, info, settings, _ = service_engine(args.model_dir, args.model)
+    binary = settings.binary
     sides: dict[str, tuple[subprocess.Popen, int]] = {}
     port = free_port()
     sides["service"] = (start([sys.executable, "-m", "ollama_server.main", "--model-dir",
@@ -121,10 +120,7 @@ def main() -> int:
                  f"x{svc['aggregate_tps'] / v['aggregate_tps']:.2f}"
                  for name, v in level.items() if name != "service"]
         print(f"{key:4} " + "; ".join(parts))
-    out = BENCH / "results" / time.strftime("defaults-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {out}")
+    save_report(report, "defaults")
     return 0
 
 

@@ -24,13 +24,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ollama_server.config import load_config  # noqa: E402
-from ollama_server.core.executor import LLAMAExecutor  # noqa: E402
+from ollama_server.config import Config, load_config  # noqa: E402
+from ollama_server.core.executor import EngineSettings, LLAMAExecutor  # noqa: E402
 from ollama_server.models.manager import ModelManager  # noqa: E402
+from ollama_server.models.schemas import ModelInfo  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
 
@@ -89,6 +91,29 @@ def one_stream(port: int, body: bytes) -> dict:
             "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0}
 
 
+def service_engine(model_dir: str, model: str,
+                   **overrides: Any) -> tuple[Config, ModelInfo, EngineSettings, int]:
+    """How the service would run ``model``: its configuration (the defaults, the models
+    folder and ``overrides``), the model, its engine settings and its context size."""
+    config = load_config(overrides={"models_dir": model_dir, **overrides}, environ={})
+    manager = ModelManager(config)
+    try:
+        info = manager.resolve(model)
+        return config, info, manager.engine_settings(info.name), manager.context_for(info)
+    finally:
+        manager.shutdown()
+
+
+def save_report(report: dict, kind: str = "") -> Path:
+    """Write a benchmark's report to ``bench/results/[<kind>-]<time>.json`` and say where."""
+    out = ROOT / "bench" / "results" / time.strftime(f"{kind}{'-' if kind else ''}"
+                                                      "%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten to {out}")
+    return out
+
+
 def run_batch(port: int, concurrency: int, n_tokens: int, model: str) -> dict:
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPT}],
                        "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
@@ -135,16 +160,10 @@ def main() -> int:
                     help="short single requests per side for the time-to-first-token figure")
     args = ap.parse_args()
 
-    overrides = {"models_dir": args.model_dir}
-    if args.parallel is not None:
-        overrides["parallel"] = args.parallel
-    config = load_config(overrides=overrides, environ={})
+    config, info, settings, ctx = service_engine(
+        args.model_dir, args.model,
+        **({"parallel": args.parallel} if args.parallel is not None else {}))
     args.parallel = config.parallel
-    manager = ModelManager(config)
-    info = manager.resolve(args.model)
-    settings = manager.engine_settings()
-    manager.shutdown()
-    ctx = manager.context_for(info)
     direct_port, service_port = free_port(), free_port()
     direct_cmd = LLAMAExecutor(info.path, settings, ctx).command(direct_port)
     print("direct :", " ".join(direct_cmd), flush=True)
@@ -218,11 +237,7 @@ def main() -> int:
         print(f"\ntime to first token, {t['samples']} short requests per side, c=1: direct "
               f"{t['direct_ms_median']:.2f} ms, service {t['service_ms_median']:.2f} ms, "
               f"added {t['added_ms']:+.2f} ms")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / time.strftime("%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {path}")
+    save_report(report)
     return 0
 
 

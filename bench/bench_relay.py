@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from bench_overhead import free_port, wait_http  # noqa: E402
+from bench_overhead import free_port, save_report, wait_http  # noqa: E402
 
 TOKEN = b'"delta":{"content":'
 CLK = os.sysconf("SC_CLK_TCK")
@@ -151,10 +151,7 @@ def main() -> int:
         os.killpg(direct.pid, signal.SIGTERM)
         service.wait(timeout=30)
         direct.wait(timeout=30)
-    out = BENCH / "results" / time.strftime(f"relay-{args.mode}-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"written to {out}")
+    save_report(report, f"relay-{args.mode}")
     return 0
 
 

@@ -15,7 +15,7 @@ of adding hosts. Results also go to ``bench/results/split-<time>.json``.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import signal
 import socket
@@ -29,11 +29,16 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from bench_overhead import free_port, run_batch, summarize, wait_http  # noqa: E402
+from bench_overhead import (  # noqa: E402
+    free_port,
+    run_batch,
+    save_report,
+    service_engine,
+    summarize,
+    wait_http,
+)
 
-from ollama_server.config import load_config  # noqa: E402
 from ollama_server.core.executor import LLAMAExecutor  # noqa: E402
-from ollama_server.models.manager import ModelManager  # noqa: E402
 from ollama_server.provision.engine import rpc_worker_binary  # noqa: E402
 
 
@@ -62,11 +67,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
 
-    config = load_config(overrides={"models_dir": args.model_dir}, environ={})
-    manager = ModelManager(config)
-    info = manager.resolve(args.model)
-    local_settings = manager.engine_settings()
-    manager.shutdown()
+    _, info, local_settings, _ = service_engine(args.model_dir, args.model)
     worker_bin = rpc_worker_binary(local_settings.binary)
     if worker_bin is None:
         raise SystemExit("no ggml-rpc-server beside the engine: make engine-rebuild")
@@ -75,9 +76,9 @@ def main() -> int:
     workers = [start([str(worker_bin), "-H", "127.0.0.1", "-p", str(p)]) for p in worker_ports]
     for p in worker_ports:
         wait_tcp(p)
-    split_settings = manager.engine_settings()
-    split_settings.rpc_servers = [f"127.0.0.1:{p}" for p in worker_ports]
-    split_settings.gpu_layers, split_settings.tensor_split = 99, [1.0, 1.0]
+    split_settings = dataclasses.replace(
+        local_settings, rpc_servers=[f"127.0.0.1:{p}" for p in worker_ports], gpu_layers=99,
+        tensor_split=[1.0, 1.0])
     ports = {"local": free_port(), "split": free_port()}
     engines = {
         "local": start(LLAMAExecutor(info.path, local_settings, ctx).command(ports["local"])),
@@ -121,10 +122,7 @@ def main() -> int:
                   f"{r['aggregate_tps_median']:16.1f}")
         print(f"{key:4} {'ratio':6} {'+' + format(res['ttft_added_ms'], '.1f'):>9} "
               f"{'':13} {res['aggregate_ratio']:16.3f}")
-    out = BENCH / "results" / time.strftime("split-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten to {out}")
+    save_report(report, "split")
     return 0
 
 

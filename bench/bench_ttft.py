@@ -31,11 +31,9 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
-from bench_overhead import PROMPT, free_port, one_stream, wait_http  # noqa: E402
+from bench_overhead import PROMPT, free_port, one_stream, service_engine, wait_http  # noqa: E402
 
-from ollama_server.config import load_config  # noqa: E402
 from ollama_server.core.executor import LLAMAExecutor  # noqa: E402
-from ollama_server.models.manager import ModelManager  # noqa: E402
 
 
 def main() -> int:
@@ -44,13 +42,9 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2:135m")
     ap.add_argument("--samples", type=int, default=60)
     args = ap.parse_args()
-    config = load_config(overrides={"models_dir": args.model_dir}, environ={})
-    manager = ModelManager(config)
-    info = manager.resolve(args.model)
-    settings = manager.engine_settings()
-    manager.shutdown()
+    _, info, settings, ctx = service_engine(args.model_dir, args.model)
     direct_port, port = free_port(), free_port()
-    cmd = LLAMAExecutor(info.path, settings, manager.context_for(info)).command(direct_port)
+    cmd = LLAMAExecutor(info.path, settings, ctx).command(direct_port)
     direct = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     env = dict(os.environ, OLLAMA_SERVER_LOG_LEVEL="WARNING", OLLAMA_SERVER_KEEP_ALIVE="-1")
