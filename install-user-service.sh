@@ -58,7 +58,7 @@ fi
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then
     PY=$ROOT/.venv/bin/python
-  elif python3 -c 'import flask, gunicorn, yaml, requests, prometheus_client, orjson' 2>/dev/null; then
+  elif python3 -c 'import flask, gunicorn, yaml, requests, prometheus_client, orjson, greenlet' 2>/dev/null; then
     PY=$(command -v python3)
   else
     make -C "$ROOT" venv
@@ -67,7 +67,7 @@ if [ -z "$PY" ]; then
 fi
 PY=$(command -v "$PY") || die "no python at $PY"
 case "$PY" in /*) ;; *) PY=$(pwd)/$PY ;; esac
-"$PY" -c 'import flask, gunicorn, yaml, requests, prometheus_client, orjson' 2>/dev/null ||
+"$PY" -c 'import flask, gunicorn, yaml, requests, prometheus_client, orjson, greenlet' 2>/dev/null ||
   die "$PY lacks the service's packages: run 'pip install -r requirements.txt' or 'make venv'"
 [ -n "$PORT" ] && { [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be a number, not $PORT"; }
 CONFIG=${CONFIG:-$ROOT/config/service_config.yaml}

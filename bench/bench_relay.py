@@ -5,7 +5,9 @@ The service is started with the stand-in engine as its llama-server; the same st
 requests go to the stand-in directly and through the service (OpenAI dialect), at several
 concurrencies, with tokens paced like a batched GPU engine (one token per stream every 3 ms)
 or in bulk. Reported: tokens/s direct and through the service and their ratio, the service's
-CPU time per relayed token (arbiter and worker processes, from /proc), and its memory (RSS).
+CPU time per relayed token (arbiter and worker processes, from /proc), and its memory (RSS),
+for the service as configured by default (one relay thread, core/relay.py) and with
+``relay_thread: false`` (each stream relayed by its own request thread), in the same run.
 The load generator is an asyncio client that only counts tokens, so it stays cheap.
 
     .venv/bin/python bench/bench_relay.py [--mode paced|bulk] [--concurrency 1 8 32 64]
@@ -114,42 +116,55 @@ def main() -> int:
     shim = shim_dir / "llama-server"
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} {BENCH / 'fake_engine.py'} \"$@\"\n")
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
-    direct_port, service_port = free_port(), free_port()
+    direct_port = free_port()
     direct = subprocess.Popen([str(shim), "--port", str(direct_port)], env=env,
                               start_new_session=True)
-    service = subprocess.Popen(
-        [sys.executable, "-m", "ollama_server.main", "--model-dir", args.model_dir,
-         "--port", str(service_port), "--llama-cpp-dir", str(shim_dir)], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The service twice: with its relay thread (the default) and with relay_thread off, where
+    # each stream's own request thread relays it (the design before core/relay.py).
+    sides = {"relay": "true", "per_request": "false"}
+    services: dict[str, tuple[subprocess.Popen, int]] = {}
+    for side, flag in sides.items():
+        port = free_port()
+        services[side] = (subprocess.Popen(
+            [sys.executable, "-m", "ollama_server.main", "--model-dir", args.model_dir,
+             "--port", str(port), "--llama-cpp-dir", str(shim_dir)], cwd=ROOT,
+            env=dict(env, OLLAMA_SERVER_RELAY_THREAD=flag),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
     report: dict = {"mode": args.mode, "tokens": args.tokens, "min_tokens": args.min_tokens,
                     "cpu_count": os.cpu_count(), "results": {}}
     try:
         wait_http(direct_port, "/health")
-        wait_http(service_port, "/health")
-        asyncio.run(load(service_port, 2, 8, 1))  # loads the (fake) model
-        svc_pids = [service.pid] + [p for p in children(service.pid)
-                                    if b"fake_engine" not in Path(f"/proc/{p}/cmdline")
-                                    .read_bytes()]
+        pids = {}
+        for side, (proc, port) in services.items():
+            wait_http(port, "/health")
+            asyncio.run(load(port, 2, 8, 1))  # loads the (fake) model
+            pids[side] = [proc.pid] + [p for p in children(proc.pid)
+                                       if b"fake_engine" not in Path(f"/proc/{p}/cmdline")
+                                       .read_bytes()]
         for c in args.concurrency:
             rounds = max(1, -(-args.min_tokens // (c * args.tokens)))
             d_tokens, d_wall = asyncio.run(load(direct_port, c, args.tokens, rounds))
-            before = cpu_s(svc_pids)
-            s_tokens, s_wall = asyncio.run(load(service_port, c, args.tokens, rounds))
-            used = cpu_s(svc_pids) - before
-            res = {"direct_tps": d_tokens / d_wall, "service_tps": s_tokens / s_wall,
-                   "ratio": (s_tokens / s_wall) / (d_tokens / d_wall),
-                   "cpu_us_per_token": 1e6 * used / max(1, s_tokens),
-                   "rss_mb": rss_mb(svc_pids), "tokens": s_tokens, "direct_tokens": d_tokens}
+            res: dict = {"direct_tps": d_tokens / d_wall, "direct_tokens": d_tokens}
+            line = f"c={c:3d} direct {res['direct_tps']:8.0f} tok/s"
+            for side, (_, port) in services.items():
+                before = cpu_s(pids[side])
+                s_tokens, s_wall = asyncio.run(load(port, c, args.tokens, rounds))
+                used = cpu_s(pids[side]) - before
+                tps = s_tokens / s_wall
+                res[side] = {"service_tps": tps, "ratio": tps / res["direct_tps"],
+                             "cpu_us_per_token": 1e6 * used / max(1, s_tokens),
+                             "rss_mb": rss_mb(pids[side]), "tokens": s_tokens}
+                r = res[side]
+                line += (f" | {side}: ratio {r['ratio']:.3f} {r['cpu_us_per_token']:5.1f} us/token"
+                         f" RSS {r['rss_mb']:.0f} MB")
             report["results"][f"c{c}"] = res
-            print(f"c={c:3d} direct {res['direct_tps']:8.0f} tok/s  service "
-                  f"{res['service_tps']:8.0f} tok/s  ratio {res['ratio']:.3f}  "
-                  f"{res['cpu_us_per_token']:6.1f} us CPU/token  RSS {res['rss_mb']:.0f} MB "
-                  f"({d_tokens}/{s_tokens} tokens)",
-                  flush=True)
+            print(line, flush=True)
     finally:
-        service.send_signal(signal.SIGTERM)
+        for proc, _ in services.values():
+            proc.send_signal(signal.SIGTERM)
         os.killpg(direct.pid, signal.SIGTERM)
-        service.wait(timeout=30)
+        for proc, _ in services.values():
+            proc.wait(timeout=30)
         direct.wait(timeout=30)
     save_report(report, f"relay-{args.mode}")
     return 0

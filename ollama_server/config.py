@@ -60,6 +60,9 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 11435
     threads_http: int = 64  # gunicorn threads: concurrent requests and streams
+    # One thread relays every stream's tokens after the first (core/relay.py); false: each
+    # stream's own request thread does (more CPU per token at high concurrency).
+    relay_thread: bool = True
     api_key: str | None = None  # when set, every route but the public ones needs it
     # Browser origins allowed to call the API (glob patterns); Ollama's defaults: local pages
     # and desktop-app schemes. "*" allows every site.

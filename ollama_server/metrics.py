@@ -52,6 +52,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .core.relay import RELAY
 from .core.request_tracker import RequestTracker
 from .core.schemas import RequestState, RequestStatus
 from .core.workers import hello
@@ -273,6 +274,9 @@ class _LiveCollector:
             yield metric
 
         yield from queue_metrics(m.manager)
+        yield CounterMetricFamily("ollama_server_relay_streams",
+                                  "Streams relayed by the relay thread after their first frame "
+                                  "(relay_thread)", value=RELAY.streams)
 
         loaded_g = GaugeMetricFamily("ollama_server_models_loaded", "Models with an engine")
         loaded_g.add_metric([], len(loaded))

@@ -10,6 +10,7 @@ import json
 import logging
 import select
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 from flask import Response, current_app, request
 
 from ..core.errors import InvalidRequest, ServiceError
+from ..core.relay import RELAY, pinned
 from .validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -155,14 +157,35 @@ def ndjson_line(obj: Any) -> bytes:
     return dumpb(obj) + b"\n"
 
 
+def _relay_target() -> tuple[socket.socket, bool] | None:
+    """The client socket and its chunk framing when this request's stream may be handed to
+    the relay thread (core/relay.py) after its first frame: served by gunicorn over plain
+    TCP, and ``relay_thread`` on. gunicorn frames a body of unknown length in chunks for
+    HTTP/1.1 clients (``Response.is_chunked``); the relay frames it the same way."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None or isinstance(sock, ssl.SSLSocket) or request.method == "HEAD" \
+            or not current_app.extensions["ollama_server"].config.relay_thread:
+        return None
+    return sock, request.environ.get("SERVER_PROTOCOL", "HTTP/1.0") != "HTTP/1.0"
+
+
 def stream_response(frames: Iterable[str | bytes], mimetype: str,
                     headers: dict[str, str] | None = None,
                     on_close: Callable[[], None] | None = None) -> Response:
-    """A streamed response over ``frames``; ``on_close`` runs however the stream ends."""
+    """A streamed response over ``frames``; ``on_close`` runs however the stream ends.
+
+    The request's thread sends the first frame (and with it the headers); the rest goes
+    through the relay thread where it can (``_relay_target``), frame for frame the same."""
+    target = _relay_target()
 
     def generate() -> Iterator[str | bytes]:
         try:
-            yield from frames
+            rest = iter(frames)
+            for frame in rest:
+                yield frame
+                if frame and target is not None and not pinned():
+                    RELAY.run_stream(rest, *target)
+                    return
         finally:
             if on_close is not None:
                 on_close()

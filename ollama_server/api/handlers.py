@@ -32,6 +32,7 @@ from ..core.errors import (
 )
 from ..core.executor import EngineStream, LLAMAExecutor
 from ..core.min_tokens import open_stream
+from ..core.relay import pin_to_thread
 from ..core.request_tracker import RequestTracker
 from ..core.schemas import (
     Event,
@@ -216,6 +217,7 @@ class Generation:
 
     def _parallel(self) -> Iterator[Event]:
         """The events of all ``n`` choices, interleaved as their threads produce them."""
+        pin_to_thread()  # the choices' queue is not a socket the relay thread can wait on
         out: queue.Queue[Any] = queue.Queue()
 
         def run(index: int) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from .errors import (
     Unsupported,
 )
 from .exits import describe_exit, signal_name
+from .relay import RELAY
 from .schemas import (
     Event,
     Finish,
@@ -396,6 +398,9 @@ def engine_error(status: int, body: bytes | str, tail: str = "") -> ServiceError
     return EngineFailed(f"llama-server error {status}: {message}" + (f"; {tail}" if tail else ""))
 
 
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+
 class SSEPayloads:
     """The ``data:`` payloads of a llama-server stream, read in bulk straight off its socket.
 
@@ -405,9 +410,14 @@ class SSEPayloads:
     with ``bytes.split``: a handful of operations per token.
     """
 
-    def __init__(self, fp: Any, chunked: bool) -> None:
+    def __init__(self, fp: Any, chunked: bool, sock: socket.socket | None = None) -> None:
         self._fp = fp
         self._chunked = chunked
+        self._sock = sock  # read directly (non-blocking) once the stream is relayed
+        self._timeout: float | None = None
+        self._relayed = False
+        self._more = True  # the last relayed read filled its buffer: more may be waiting
+        self._hup = False  # the engine hung up (its end of file is still to be read)
         self._raw = b""  # transport bytes not decoded yet (a partial chunk-size line)
         self._left = 0  # bytes left in the current chunk
         self._crlf = False  # the CRLF after a chunk's data is still to come
@@ -442,6 +452,42 @@ class SSEPayloads:
         self._raw = buf[pos:]
         self._text += b"".join(out)
 
+    def _read_relayed(self) -> bytes:
+        """The next bytes, read on the relay thread: what the file object still buffers, then
+        straight off the non-blocking socket, yielding to the relay loop while there is none
+        (see core/relay.py); b"" at the end. A silent engine times out as in blocking mode."""
+        sock = self._sock
+        assert sock is not None
+        if not self._relayed:
+            self._relayed = True
+            self._timeout = sock.gettimeout()
+            sock.setblocking(False)
+            RELAY.watch(sock)
+            data = self._fp.read1(65536)  # buffered bytes, or b"" (would block) once drained
+            if data:
+                return data
+        elif not self._more:
+            # The last read was short, so the socket was drained: new data comes as an edge.
+            self._events(RELAY.wait_readable(sock, self._timeout))
+        while True:
+            try:
+                data = sock.recv(65536)
+                # A full read may have left more; so may a hang-up seen with the data (its
+                # end of file is not signalled again).
+                self._more = len(data) == 65536 or self._hup
+                return data
+            except BlockingIOError:
+                self._events(RELAY.wait_readable(sock, self._timeout))
+
+    def _events(self, events: int) -> None:
+        if events & _HANGUP:
+            self._hup = True
+
+    def unwatch(self) -> None:
+        """Leave the relay loop (before the socket is closed)."""
+        if self._relayed and self._sock is not None:
+            RELAY.unwatch(self._sock)
+
     def next_batch(self) -> list[bytes]:
         """The payloads of every complete ``data:`` line available (waits for at least one);
         [] when the body has ended."""
@@ -453,7 +499,8 @@ class SSEPayloads:
                     return batch
             if self.done:
                 return []
-            data = self._fp.read1(65536)
+            data = self._read_relayed() if self._sock is not None and RELAY.in_relay() \
+                else self._fp.read1(65536)
             if not data:
                 self.done = True
                 return []
@@ -482,7 +529,7 @@ class EngineStream:
         self._conn = conn
         self._resp = resp
         self._parser = parser
-        self._payloads = SSEPayloads(resp.fp, bool(resp.chunked))
+        self._payloads = SSEPayloads(resp.fp, bool(resp.chunked), conn.sock)
         self.closed = False
 
     def __iter__(self) -> Iterator[Event]:
@@ -523,6 +570,7 @@ class EngineStream:
         if self.closed:
             return
         self.closed = True
+        self._payloads.unwatch()
         try:
             self._conn.close()
         except OSError:
@@ -930,6 +978,8 @@ class LLAMAExecutor:
     def call_json(self, method: str, path: str, body: Any = None,
                   timeout: float | None = None) -> Any:
         """One JSON request to llama-server; typed errors on failure."""
+        if RELAY.in_relay():  # inside a relayed stream (an Ollama final ``context``)
+            return RELAY.call(self.call_json, method, path, body, timeout)
         conn = self._connect(timeout)
         try:
             data = None if body is None else json.dumps(body).encode()
@@ -950,6 +1000,8 @@ class LLAMAExecutor:
         Everything that can fail before the first token (a prompt over the context, a bad
         grammar, a dead engine) raises here, before the caller has sent a byte.
         """
+        if RELAY.in_relay():  # the second part of a min_tokens generation
+            return RELAY.call(self.open_stream, req)
         parser: ChatChunkParser | CompletionChunkParser
         if req.is_chat:
             path, payload = "/v1/chat/completions", build_chat_payload(req)
