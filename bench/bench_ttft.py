@@ -11,7 +11,7 @@ Sides, called in turn (the order alternating each round) with the same short str
 pipe, the process setup); ``service`` against either shows what the service adds per request.
 Prints the medians in ms.
 
-    .venv/bin/python bench/bench_ttft.py [--samples 60] [--model smollm2:135m]
+    .venv/bin/python bench/bench_ttft.py [--samples 60] [--model smollm2:135m] [--threads N]
 """
 
 from __future__ import annotations
@@ -41,13 +41,17 @@ def main() -> int:
     ap.add_argument("--model-dir", default=str(ROOT / "models"))
     ap.add_argument("--model", default="smollm2:135m")
     ap.add_argument("--samples", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="engine threads on every side (0: llama-server's choice); fewer than "
+                         "the machine's cores leaves the service a core of its own")
     args = ap.parse_args()
-    _, info, settings, ctx = service_engine(args.model_dir, args.model)
+    _, info, settings, ctx = service_engine(args.model_dir, args.model, threads=args.threads)
     direct_port, port = free_port(), free_port()
     cmd = LLAMAExecutor(info.path, settings, ctx).command(direct_port)
     direct = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    env = dict(os.environ, OLLAMA_SERVER_LOG_LEVEL="WARNING", OLLAMA_SERVER_KEEP_ALIVE="-1")
+    env = dict(os.environ, OLLAMA_SERVER_LOG_LEVEL="WARNING", OLLAMA_SERVER_KEEP_ALIVE="-1",
+               OLLAMA_SERVER_THREADS=str(args.threads))
     service = subprocess.Popen([sys.executable, "-m", "ollama_server.main", "--model-dir",
                                 args.model_dir, "--port", str(port)], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

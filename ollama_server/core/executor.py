@@ -60,7 +60,15 @@ log = logging.getLogger(__name__)
 _ERROR_WORDS = ("error", "failed", "fatal", "abort", "cannot", "unable", "invalid", "exception",
                 "terminate", "out of memory", "what()")
 _ERROR_TEXT = re.compile("|".join(re.escape(w) for w in _ERROR_WORDS), re.IGNORECASE)
-_ERROR_RE = re.compile(_ERROR_TEXT.pattern.encode(), re.IGNORECASE)  # the same, on raw bytes
+_ERROR_BYTES = tuple(w.encode() for w in _ERROR_WORDS)
+
+
+def _error_word_in(block: bytes) -> bool:
+    """Whether a block of the engine's log holds an error word (as ``_ERROR_TEXT``). A
+    lower-cased copy searched once per word: about 45 µs for a request's 5 KB of slot lines,
+    where the case-insensitive regex took 570 µs, holding the GIL all the while."""
+    low = block.lower()
+    return any(word in low for word in _ERROR_BYTES)
 
 
 # llama-server's log prefix (uptime and level, "0.07.010.775 I "): dropped in error messages.
@@ -679,7 +687,7 @@ class LLAMAExecutor:
         a request starts). Handled line by line in Python, that holds the GIL for milliseconds
         just when the request's first token is being relayed. So the log is read in blocks,
         and a block with no error word, read after the engine is up and with debug logging
-        off, costs a decode, a split and one regex search, all in C."""
+        off, costs a decode, a split and a search for the error words, all in C."""
         assert proc.stderr is not None
         fd = proc.stderr.fileno()
         pending = b""
@@ -698,10 +706,10 @@ class LLAMAExecutor:
                 pending = block
                 continue
             cut = cut or len(block)
-            pending = block[cut:]
+            block, pending = block[:cut], block[cut:]
             each = (self._state == EngineState.STARTING or log.isEnabledFor(logging.DEBUG)
-                    or _ERROR_RE.search(block, 0, cut) is not None)
-            self._take_lines(block[:cut], each=each)
+                    or _error_word_in(block))
+            self._take_lines(block, each=each)
             if not each:
                 # A request's burst of slot lines arrives in many small writes: let them
                 # gather in the pipe (64 KiB) instead of waking up for each one while the
