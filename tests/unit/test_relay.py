@@ -17,7 +17,7 @@ from ollama_server.core.relay import RELAY, pin_to_thread, pinned
 
 def engine_frames(engine: socket.socket, log: list[str] | None = None) -> Iterator[bytes]:
     """What a stream generator does: read the engine's ``data:`` lines, yield frames."""
-    payloads = SSEPayloads(engine.makefile("rb"), chunked=False, sock=engine)
+    payloads = SSEPayloads(engine, chunked=False)
     try:
         while True:
             batch = payloads.next_batch()
