@@ -155,6 +155,10 @@ class Generation:
         # request_timeout bounds the whole generation, not only the engine's silences.
         self._timeout = svc.config.request_timeout
         self._deadline = time.monotonic() + self._timeout
+        if req.n > 1:
+            # The choices meet in a queue, which the relay thread cannot wait on; pinned here,
+            # in the request's context, before a stream's first frame can be sent.
+            pin_to_thread()
 
     @property
     def request_id(self) -> str:
@@ -217,7 +221,6 @@ class Generation:
 
     def _parallel(self) -> Iterator[Event]:
         """The events of all ``n`` choices, interleaved as their threads produce them."""
-        pin_to_thread()  # the choices' queue is not a socket the relay thread can wait on
         out: queue.Queue[Any] = queue.Queue()
 
         def run(index: int) -> None:

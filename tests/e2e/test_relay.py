@@ -98,3 +98,15 @@ def test_ollama_final_context_comes_through_the_relay(base_url):
         model=MODEL, prompt=PROMPT, stream=True, options={"temperature": 0, "num_predict": 16}))
     assert relayed_streams(base_url) == before + 1
     assert parts[-1].done and len(parts[-1].context) > 16
+
+
+def test_streams_with_several_choices_stay_on_their_thread(pair):
+    """``n`` > 1: the choices meet in a queue the relay thread cannot wait on."""
+    base_url, _ = pair
+    before = relayed_streams(base_url)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=8, n=2,
+        stream=True))
+    assert {c.index for chunk in chunks for c in chunk.choices} == {0, 1}
+    assert relayed_streams(base_url) == before
