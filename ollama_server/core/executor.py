@@ -445,6 +445,17 @@ class SSEPayloads:
                 self.done = True
 
     def _decode(self, data: bytes) -> None:
+        if not (self._raw or self._left or self._crlf):
+            # The common case, a read of exactly one whole chunk (a token): no loop.
+            eol = data.find(b"\r\n")
+            if 0 < eol < 9:
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:  # a chunk extension: the general path
+                    size = 0
+                if size and len(data) == eol + size + 4 and data.endswith(b"\r\n"):
+                    self._text += data[eol + 2:eol + 2 + size]
+                    return
         buf = self._raw + data if self._raw else data
         pos, end, out = 0, len(buf), []
         while pos < end:
