@@ -1,10 +1,13 @@
 """One thread relays every stream's tokens (after the first) from the engines to the clients.
 
 With a thread per stream, each token wakes its own thread: a futex wake-up, a context switch
-and a fight for the GIL per token, which at 64 streams cost more than the rest of the relay
-together (``bench/bench_relay.py``; README, Performance). Here the request's thread does
-everything up to the first frame (validation, the engine request, errors with their status)
-and sends it; then it hands the rest of the stream to the relay thread and waits. The relay
+and a fight for the GIL per token. At 64 streams that was about a third of the relay's CPU
+(``bench/bench_relay.py``: 60-68 µs per token, 45-48 with this thread; README, Performance),
+and the ratio to the engine's own rate fell to 0.48-0.63 (0.80-0.83 here).
+
+The request's thread does everything up to the first frame (validation, the engine request,
+errors with their status) and sends it; then it hands the rest of the stream to the relay
+thread and waits. The relay
 thread waits on every engine and client socket in one ``epoll`` and runs each stream's frame
 generator, unchanged, in a greenlet of its own: where the generator would block reading the
 engine (``wait_readable``), its greenlet yields to the loop, which resumes it when the socket
