@@ -88,7 +88,7 @@ class Relay:
         self._waiting: dict[int, greenlet.greenlet] = {}  # fd → the greenlet waiting on it
         self._watched: set[int] = set()  # engine sockets, edge-triggered for their life
         self._ready: dict[int, int] = {}  # watched fd → events that came while unawaited
-        self._deadlines: dict[greenlet.greenlet, tuple[float, int]] = {}
+        self._deadlines: dict[greenlet.greenlet, float] = {}  # of waits with a timeout
         self._jobs: dict[greenlet.greenlet, _Job] = {}
         self.streams = 0  # streams handed over so far
 
@@ -189,12 +189,10 @@ class Relay:
                 waiter.switch(result)
 
     def _expire(self) -> None:
+        """Wake the waits past their deadline with TimeoutError (``_suspend`` cleans up)."""
         now = time.monotonic()
-        for runner, (deadline, fd) in list(self._deadlines.items()):
-            if deadline <= now and self._deadlines.get(runner) == (deadline, fd):
-                del self._deadlines[runner]
-                if self._waiting.get(fd) is runner:
-                    del self._waiting[fd]
+        for runner, deadline in list(self._deadlines.items()):
+            if deadline <= now and runner in self._deadlines:
                 runner.throw(TimeoutError("timed out"))
 
     def _to_hub(self) -> Any:
@@ -205,7 +203,7 @@ class Relay:
         me = greenlet.getcurrent()
         self._waiting[fd] = me
         if timeout is not None:
-            self._deadlines[me] = (time.monotonic() + timeout, fd)
+            self._deadlines[me] = time.monotonic() + timeout
         try:
             return self._to_hub()
         finally:
