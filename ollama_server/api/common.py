@@ -14,10 +14,10 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import orjson
 from flask import Response, current_app, request
 
 from ..core.errors import InvalidRequest, ServiceError
+from ..core.executor import dumps_compact
 from ..core.relay import RELAY, pinned
 from .validation import parse_json_body
 
@@ -127,10 +127,7 @@ def dumpb(obj: Any) -> bytes:
     token makes this the relay's hottest call). What it cannot encode (an integer beyond 64
     bits) goes through the standard one.
     """
-    try:
-        out = orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
-    except TypeError:
-        out = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    out = dumps_compact(obj)
     if b"\xc2\x85" in out or b"\xe2\x80" in out:
         for raw, escaped in _LINE_BREAKERS:
             out = out.replace(raw, escaped)
