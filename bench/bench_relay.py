@@ -21,10 +21,8 @@ import asyncio
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+import fake_engine  # noqa: E402
 from bench_overhead import free_port, save_report, wait_http  # noqa: E402
 
 TOKEN = b'"delta":{"content":'
@@ -112,10 +111,8 @@ def main() -> int:
     env = dict(os.environ, FAKE_ENGINE_MODE=args.mode, OLLAMA_SERVER_LOG_LEVEL="WARNING",
                OLLAMA_SERVER_KEEP_ALIVE="-1", OLLAMA_SERVER_PARALLEL="64",
                OLLAMA_SERVER_THREADS_HTTP="128")
-    shim_dir = Path(tempfile.mkdtemp(prefix="fake-engine-"))
+    shim_dir = fake_engine.install()
     shim = shim_dir / "llama-server"
-    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {BENCH / 'fake_engine.py'} \"$@\"\n")
-    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     direct_port = free_port()
     direct = subprocess.Popen([str(shim), "--port", str(direct_port)], env=env,
                               start_new_session=True)

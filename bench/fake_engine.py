@@ -22,7 +22,11 @@ import argparse
 import asyncio
 import json
 import os
+import stat
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 WORDS = [" the", " sea", " light", " keeper", " night", " storm", " ship", " rock", " wave",
          " lamp", " tower", " coast", " wind", " salt", " door", " stair", "."]
@@ -204,6 +208,16 @@ async def main_async(port: int, model: str) -> None:
             await server.serve_forever()
         finally:
             ticker.cancel()
+
+
+def install() -> Path:
+    """A fresh directory holding a ``llama-server`` that runs this stand-in: give it to the
+    service as ``--llama-cpp-dir``, or run it directly."""
+    shim_dir = Path(tempfile.mkdtemp(prefix="fake-engine-"))
+    shim = shim_dir / "llama-server"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} {Path(__file__).resolve()} \"$@\"\n")
+    shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
+    return shim_dir
 
 
 def main() -> int:
