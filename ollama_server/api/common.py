@@ -18,7 +18,7 @@ from flask import Response, current_app, request
 
 from ..core.errors import InvalidRequest, ServiceError
 from ..core.executor import dumps_compact
-from ..core.relay import RELAY, pinned
+from ..core.relay import RELAY, relayable
 from .validation import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,9 @@ def stream_response(frames: Iterable[str | bytes], mimetype: str,
                     on_close: Callable[[], None] | None = None) -> Response:
     """A streamed response over ``frames``; ``on_close`` runs however the stream ends.
 
-    The request's thread sends the first frame (and with it the headers); the rest goes
-    through the relay thread where it can (``_relay_target``), frame for frame the same."""
+    The request's thread sends the frames up to the first token's (and with the first, the
+    headers); the rest goes through the relay thread where it can (``_relay_target``, and
+    ``core.relay.output_started``), frame for frame the same."""
     target = _relay_target()
 
     def generate() -> Iterator[str | bytes]:
@@ -180,7 +181,7 @@ def stream_response(frames: Iterable[str | bytes], mimetype: str,
             rest = iter(frames)
             for frame in rest:
                 yield frame
-                if frame and target is not None and not pinned():
+                if frame and target is not None and relayable():
                     RELAY.run_stream(rest, *target)
                     return
         finally:

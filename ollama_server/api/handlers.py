@@ -32,7 +32,7 @@ from ..core.errors import (
 )
 from ..core.executor import EngineStream, LLAMAExecutor
 from ..core.min_tokens import open_stream
-from ..core.relay import pin_to_thread
+from ..core.relay import output_started, pin_to_thread
 from ..core.request_tracker import RequestTracker
 from ..core.schemas import (
     Event,
@@ -178,6 +178,7 @@ class Generation:
         cancel = self._cancel
         deadline = self._deadline
         monotonic = time.monotonic
+        first = True
         try:
             for event in stream:
                 if cancel.is_set():
@@ -194,6 +195,9 @@ class Generation:
                     if (self.req.include_stop_str_in_output and event.reason == "stop_sequence"
                             and event.stop_sequence):
                         yield TextDelta(event.stop_sequence)  # the engine cuts it off the text
+                if first and (kind is TextDelta or kind is ToolCallDelta):
+                    first = False
+                    output_started()  # the frames after this token's may be relayed
                 yield event
                 if monotonic() > deadline:
                     raise self._timed_out()

@@ -5,9 +5,9 @@ and a fight for the GIL per token. At 64 streams that was about a third of the r
 (``bench/bench_relay.py``: 60-68 µs per token, 45-48 with this thread; README, Performance),
 and the ratio to the engine's own rate fell to 0.48-0.63 (0.80-0.83 here).
 
-The request's thread does everything up to the first frame (validation, the engine request,
-errors with their status) and sends it; then it hands the rest of the stream to the relay
-thread and waits. The relay
+The request's thread does everything up to the first token's frame (validation, the engine
+request, errors with their status, the frames before the first token) and sends it; then it
+hands the rest of the stream to the relay thread and waits. The relay
 thread waits on every engine and client socket in one ``epoll`` and runs each stream's frame
 generator, unchanged, in a greenlet of its own: where the generator would block reading the
 engine (``wait_readable``), its greenlet yields to the loop, which resumes it when the socket
@@ -18,6 +18,9 @@ Contract:
   yields to ``sock`` (HTTP/1.1 chunk framing when ``chunked``) from the relay thread and
   returns when ``frames`` is exhausted; raises the ``OSError`` of a client that went away,
   after closing ``frames`` (which cancels the generation upstream).
+- A stream is handed over only once its producer has called ``output_started()`` (in the
+  request's context, when its first token comes from the engine): the first token is sent
+  by the request thread, without a hand-over in the way.
 - Code that runs inside a relayed generator and must block on anything but a socket read
   runs it with ``Relay.call`` (done by the request's own thread, which is idle meanwhile);
   code that cannot be relayed at all calls ``pin_to_thread()`` before the first frame.
@@ -44,19 +47,37 @@ log = logging.getLogger(__name__)
 
 _EPOLLIN, _EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 
-_pinned: contextvars.ContextVar[bool] = contextvars.ContextVar("relay_pinned", default=False)
+# Where the stream being set up in this context stands: "setup" until its first output,
+# "ready" from then on, "pinned" when it must stay on its request thread.
+_stage: contextvars.ContextVar[str] = contextvars.ContextVar("relay_stage", default="setup")
 _DONE = object()
 
 
 def pin_to_thread() -> None:
     """Keep the stream being set up in this context on its request thread (its generator
     blocks on something the relay thread cannot wait for, e.g. other threads' queue)."""
-    _pinned.set(True)
+    _stage.set("pinned")
 
 
 def pinned() -> bool:
     """Whether ``pin_to_thread`` was called in this context."""
-    return _pinned.get()
+    return _stage.get() == "pinned"
+
+
+def output_started() -> None:
+    """Mark, in the stream's context, that its first output (a token) is on its way.
+
+    The frames up to the one that carries it are sent by the request thread itself, so the
+    first token never waits for a hand-over (an eventfd write and a thread switch, 0.1-0.2 ms
+    of time to first token on a 2-core machine: bench/bench_request_cost.py); the relay
+    thread takes the stream after it. A stream that never marks it stays on its thread."""
+    if _stage.get() == "setup":
+        _stage.set("ready")
+
+
+def relayable() -> bool:
+    """Whether the stream of this context may be handed to the relay thread now."""
+    return _stage.get() == "ready"
 
 
 class _Job:

@@ -25,6 +25,7 @@ class RequestTracker:
         self._active: OrderedDict[str, RequestStatus] = OrderedDict()
         self._cancel: dict[str, threading.Event] = {}
         self._recent: deque[RequestStatus] = deque(maxlen=history)
+        self._recent_ids: dict[str, RequestStatus] = {}  # the newest finished one of each id
         self._observers: list[Observer] = []
         self.totals = {"requests": 0, "errors": 0, "prompt_tokens": 0, "generated_tokens": 0}
 
@@ -115,7 +116,13 @@ class RequestTracker:
             self.totals["generated_tokens"] += status.tokens_generated
             if state == RequestState.FAILED:
                 self.totals["errors"] += 1
-            self._recent.appendleft(status)
+            if self._recent.maxlen:
+                if len(self._recent) == self._recent.maxlen:
+                    oldest = self._recent[-1]  # about to drop out of the history
+                    if self._recent_ids.get(oldest.id) is oldest:
+                        del self._recent_ids[oldest.id]
+                self._recent.appendleft(status)
+                self._recent_ids[request_id] = status
         self._notify("finish", status)
 
     def cancel(self, request_id: str) -> bool:
@@ -133,7 +140,7 @@ class RequestTracker:
             status = self._active.get(request_id)
             if status is not None:
                 return status
-            return next((s for s in self._recent if s.id == request_id), None)
+            return self._recent_ids.get(request_id)
 
     def active(self) -> list[RequestStatus]:
         """Requests still running, oldest first."""

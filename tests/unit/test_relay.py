@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from ollama_server.core.executor import SSEPayloads
-from ollama_server.core.relay import RELAY, pin_to_thread, pinned
+from ollama_server.core.relay import RELAY, output_started, pin_to_thread, pinned, relayable
 
 
 def engine_frames(engine: socket.socket, log: list[str] | None = None) -> Iterator[bytes]:
@@ -198,3 +198,19 @@ def test_pin_to_thread_is_per_context() -> None:
 
     assert contextvars.copy_context().run(pin_and_report)
     assert not pinned()
+
+
+def test_a_stream_is_relayable_from_its_first_output_unless_pinned() -> None:
+    def stages(pin_first: bool) -> list[bool]:
+        seen = [relayable()]
+        if pin_first:
+            pin_to_thread()
+        output_started()
+        seen.append(relayable())
+        pin_to_thread()
+        seen.append(relayable())
+        return seen
+
+    assert contextvars.copy_context().run(stages, False) == [False, True, False]
+    assert contextvars.copy_context().run(stages, True) == [False, False, False]
+    assert not relayable()
