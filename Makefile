@@ -11,7 +11,7 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
-        test-fast fuzz lint bench bench-split bench-relay bench-defaults clean rpc-worker container-tools base-image image \
+        test-fast fuzz lint bench bench-split bench-relay bench-request bench-defaults clean rpc-worker container-tools base-image image \
         docs docs-tools
 
 help:
@@ -19,7 +19,7 @@ help:
 	@echo "make test   - set everything up and run the whole test suite"
 	@echo "make fuzz   - the long fuzz run: 20,000 request bodies against the real engine"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
-	@echo "make registry | lint | bench | bench-relay | bench-defaults | bench-split"
+	@echo "make registry | lint | bench | bench-relay | bench-request | bench-defaults | bench-split"
 	@echo "make container-tools | base-image | image   (podman; see README, Deployment)"
 	@echo "make docs   - render the diagrams in images/ (PlantUML) to PNG and SVG"
 	@echo "make clean"
@@ -177,6 +177,11 @@ bench-split: setup
 # The relay's own cost: the service in front of a stand-in engine that costs nothing.
 bench-relay: setup
 	$(VPY) bench/bench_relay.py --model-dir $(MODELS)
+
+# What one request costs the service before its first token (stand-in engine; gunicorn+Flask's
+# floor alongside).
+bench-request: setup
+	$(VPY) bench/bench_request_cost.py --model-dir $(MODELS)
 
 # The service's defaults vs llama-server's own and vs llama-cpp-python's server (built once).
 bench-defaults: setup

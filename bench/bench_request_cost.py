@@ -125,8 +125,8 @@ def main() -> int:
     for side, checkout in checkouts.items():
         ports[side] = free_port()
         procs[side] = subprocess.Popen(
-            [sys.executable, "-m", "ollama_server.main", "--model-dir", args.model_dir,
-             "--port", str(ports[side]), "--llama-cpp-dir", str(shim_dir)], cwd=checkout,
+            [sys.executable, "-m", "ollama_server.main", "--model-dir",
+             str(Path(args.model_dir).resolve()), "--port", str(ports[side]), "--llama-cpp-dir", str(shim_dir)], cwd=checkout,
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
     body = json.dumps({"model": "smollm2:135m", "max_tokens": args.max_tokens, "stream": True,
