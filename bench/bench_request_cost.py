@@ -15,7 +15,9 @@ connection each time as curl makes it:
 
 Prints the time to the first content chunk (median, p10, p90 in ms) for each side, then what
 the service adds to the engine's time (``service - engine``) and how much of that is the
-stack itself (``floor``): a proxy on this stack adds at least about the floor.
+stack itself (``floor``): a proxy on this stack adds at least about the floor. Also the CPU
+time each gunicorn side (arbiter and worker, from /proc) spent per request: at high
+concurrency that, not the latency, is what a request costs the others.
 
     .venv/bin/python bench/bench_request_cost.py [--samples 300] [--max-tokens 4]
                                                  [--baseline OTHER_CHECKOUT]
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import fake_engine  # noqa: E402
 from bench_overhead import free_port, save_report, wait_http  # noqa: E402
+from bench_relay import children, cpu_s  # noqa: E402
 
 from ollama_server.config import Config  # noqa: E402
 
@@ -126,8 +129,9 @@ def main() -> int:
         ports[side] = free_port()
         procs[side] = subprocess.Popen(
             [sys.executable, "-m", "ollama_server.main", "--model-dir",
-             str(Path(args.model_dir).resolve()), "--port", str(ports[side]), "--llama-cpp-dir", str(shim_dir)], cwd=checkout,
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             str(Path(args.model_dir).resolve()), "--port", str(ports[side]),
+             "--llama-cpp-dir", str(shim_dir)], cwd=checkout, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
     body = json.dumps({"model": "smollm2:135m", "max_tokens": args.max_tokens, "stream": True,
                        "messages": [{"role": "user", "content": "Say hello."}]}).encode()
@@ -140,10 +144,17 @@ def main() -> int:
         for _ in range(20):  # loads the (fake) model, warms every side
             for port in ports.values():
                 first_chunk_ms(port, request)
+        pids = {side: [proc.pid] + [p for p in children(proc.pid)
+                                    if b"fake_engine" not in Path(f"/proc/{p}/cmdline")
+                                    .read_bytes()]
+                for side, proc in procs.items() if side != "engine"}
+        before = {side: cpu_s(p) for side, p in pids.items()}
         order = list(ports)
         for i in range(args.samples):
             for side in (order if i % 2 else order[::-1]):
                 samples[side].append(first_chunk_ms(ports[side], request))
+        cpu_ms = {side: 1000 * (cpu_s(p) - before[side]) / args.samples
+                  for side, p in pids.items()}
     finally:
         for proc in procs.values():
             os.killpg(proc.pid, signal.SIGTERM)
@@ -152,8 +163,10 @@ def main() -> int:
     report: dict = {"samples": args.samples, "cpu_count": os.cpu_count(),
                     "sides": {side: summary(xs) for side, xs in samples.items()}}
     for side, s in report["sides"].items():
+        s["cpu_ms_per_request"] = cpu_ms.get(side)
         print(f"{side:8s} first chunk median {s['median']:6.3f} ms  "
-              f"(p10 {s['p10']:6.3f}, p90 {s['p90']:6.3f})")
+              f"(p10 {s['p10']:6.3f}, p90 {s['p90']:6.3f})"
+              + (f"  CPU {cpu_ms[side]:.2f} ms per request" if side in cpu_ms else ""))
     med = {side: s["median"] for side, s in report["sides"].items()}
     report["added_ms"] = med["service"] - med["engine"]
     report["beyond_floor_ms"] = report["added_ms"] - med["floor"]
