@@ -286,7 +286,7 @@ class _LiveCollector:
 
         yield from queue_metrics(m.manager)
         yield CounterMetricFamily("ollama_server_relay_streams",
-                                  "Streams relayed by the relay thread after their first frame "
+                                  "Streams relayed by the relay thread after their first token "
                                   "(relay_thread)", value=RELAY.streams)
 
         loaded_g = GaugeMetricFamily("ollama_server_models_loaded", "Models with an engine")

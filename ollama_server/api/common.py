@@ -156,7 +156,7 @@ def ndjson_line(obj: Any) -> bytes:
 
 def _relay_target() -> tuple[socket.socket, bool] | None:
     """The client socket and its chunk framing when this request's stream may be handed to
-    the relay thread (core/relay.py) after its first frame: served by gunicorn over plain
+    the relay thread (core/relay.py) after its first token: served by gunicorn over plain
     TCP, and ``relay_thread`` on. gunicorn frames a body of unknown length in chunks for
     HTTP/1.1 clients (``Response.is_chunked``); the relay frames it the same way."""
     sock = request.environ.get("gunicorn.socket")
