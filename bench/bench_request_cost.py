@@ -20,7 +20,10 @@ time each gunicorn side (arbiter and worker, from /proc) spent per request: at h
 concurrency that, not the latency, is what a request costs the others.
 
     .venv/bin/python bench/bench_request_cost.py [--samples 300] [--max-tokens 4]
-                                                 [--baseline OTHER_CHECKOUT]
+                                                 [--history-kb 0] [--baseline OTHER_CHECKOUT]
+
+``--history-kb`` puts that much earlier conversation in front of the question, as coding agents
+send it (the stand-in engine ignores it, so only the service's handling of it is measured).
 
 ``--baseline`` adds a side: the service of another checkout of this project (e.g. a
 ``git worktree`` of an older commit), run by this venv's Python, for an A/B in one run.
@@ -106,6 +109,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--model-dir", default=str(ROOT / "models"))
+    ap.add_argument("--history-kb", type=int, default=0,
+                    help="KB of earlier conversation sent with each request")
     ap.add_argument("--baseline", help="another checkout of the project: its service is a side")
     args = ap.parse_args()
 
@@ -133,8 +138,12 @@ def main() -> int:
              "--llama-cpp-dir", str(shim_dir)], cwd=checkout, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
+    turn = "def area(r):\n    return 3.14159 * r * r  # the circle's area, \"quoted\" é 中文\n" * 16
+    history = [{"role": ("user", "assistant")[i % 2], "content": turn}
+               for i in range(round(args.history_kb * 1024 / len(turn.encode())))]
     body = json.dumps({"model": "smollm2:135m", "max_tokens": args.max_tokens, "stream": True,
-                       "messages": [{"role": "user", "content": "Say hello."}]}).encode()
+                       "messages": [*history, {"role": "user", "content": "Say hello."}]}
+                      ).encode()
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     samples: dict[str, list[float]] = {side: [] for side in ports}
@@ -161,6 +170,7 @@ def main() -> int:
         for proc in procs.values():
             proc.wait(timeout=30)
     report: dict = {"samples": args.samples, "cpu_count": os.cpu_count(),
+                    "body_bytes": len(body),
                     "sides": {side: summary(xs) for side, xs in samples.items()}}
     for side, s in report["sides"].items():
         s["cpu_ms_per_request"] = cpu_ms.get(side)
