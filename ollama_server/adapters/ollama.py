@@ -516,11 +516,19 @@ def tool_call_objects(calls: list[ToolCall]) -> list[dict[str, Any]]:
 
 
 def logprob_objects(tokens: list[TokenInfo]) -> list[dict[str, Any]]:
-    """Ollama ``logprobs`` entries for generated tokens that carry a log probability."""
-    return [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
-             "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())}
-                              for s, lp, _ in t.top]}
-            for t in tokens if t.logprob is not None]
+    """Ollama ``logprobs`` entries for generated tokens that carry a log probability
+    (``top_logprobs`` only when alternatives were asked for: Ollama omits it when empty)."""
+    out = []
+    for t in tokens:
+        if t.logprob is None:
+            continue
+        entry: dict[str, Any] = {"token": t.text, "logprob": t.logprob,
+                                 "bytes": list(t.text.encode())}
+        if t.top:
+            entry["top_logprobs"] = [{"token": s, "logprob": lp, "bytes": list(s.encode())}
+                                     for s, lp, _ in t.top]
+        out.append(entry)
+    return out
 
 
 def metrics(finish: Finish, total_s: float) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Requests: ``openai_chat_to_internal``, ``openai_completion_to_internal``,
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
 import time
@@ -41,7 +42,7 @@ from ..core.schemas import (
 )
 from .fields import get_bool, get_number, get_stop, require_model  # noqa: F401 (re-exported)
 from .openai_fields import common_sampling, parse_messages
-from .vllm import apply_vllm_extras
+from .vllm import apply_vllm_extras, regex_to_gbnf
 
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
                   "tool_calls": "tool_calls"}
@@ -94,7 +95,9 @@ def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
     kind = fmt.get("type")
     if kind == "text":
         return
-    if kind == "json_object":
+    if kind in ("json_object", "json", "regex") and "value" in fmt:
+        _grammar_format(kind, fmt["value"], req)
+    elif kind == "json_object":
         req.json_schema = {}
     elif kind == "json_schema":
         spec = fmt.get("json_schema")
@@ -105,6 +108,27 @@ def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
     else:
         raise InvalidRequest(f"'response_format.type' must be text, json_object or "
                              f"json_schema; got {kind!r}", param="response_format")
+
+
+def _grammar_format(kind: str, value: Any, req: InternalRequest) -> None:
+    """TGI's grammar form of ``response_format`` (``{type, value}``), which its chat route
+    takes and huggingface_hub's ``chat_completion`` sends: it turns OpenAI's ``json_schema``
+    into ``{"type": "json_object", "value": <schema>}``."""
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest("'response_format.value' must be a regular expression",
+                                 param="response_format")
+        req.grammar = regex_to_gbnf(value)
+        return
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict):
+        raise InvalidRequest("'response_format.value' must be a JSON schema (an object)",
+                             param="response_format")
+    req.json_schema = value
 
 
 def include_usage(body: dict[str, Any]) -> bool:

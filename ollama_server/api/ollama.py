@@ -126,6 +126,13 @@ def _context_ids(gen: Generation, conv: ol.OllamaGenerateStream) -> list[int] | 
         return None
 
 
+def _check_think(req: InternalRequest, model: str, info: ModelInfo) -> None:
+    """``think`` on (true or a level) for a model that cannot reason: Ollama's 400, which
+    clients use to find out whether a model thinks."""
+    if req.reasoning is True and "thinking" not in info.capabilities:
+        raise Unsupported(f"\"{model}\" does not support thinking")
+
+
 @bp.post("/api/generate")
 def generate() -> Response:
     """Ollama generate: NDJSON by default, one object with ``stream: false``."""
@@ -136,6 +143,7 @@ def generate() -> Response:
     req = ol.ollama_generate_to_internal(body, info.has_chat_template)
     if req.suffix is not None and "insert" not in info.capabilities:
         raise Unsupported(f"\"{model}\" does not support insert")
+    _check_think(req, model, info)
     if ol.is_load_request(body, chat=False):
         return _load_or_unload(model, info, req, chat=False, svc=svc)
     if body.get("context"):
@@ -162,6 +170,7 @@ def chat() -> Response:
     model = ol.require_model(body, "model")
     info = svc.manager.resolve(model)
     req = ol.ollama_chat_to_internal(body)
+    _check_think(req, model, info)
     if ol.is_load_request(body, chat=True):
         return _load_or_unload(model, info, req, chat=True, svc=svc)
     gen = start_generation(req, "/api/chat", svc)

@@ -208,8 +208,10 @@ def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
     if req.continue_final_message:
         payload["continue_final_message"] = True
     if req.logprobs or req.top_logprobs:
+        # With top_logprobs 0, llama-server computes no probabilities at all: ask for one
+        # alternative and drop it (ChatChunkParser's top_n).
         payload["logprobs"] = True
-        payload["top_logprobs"] = req.top_logprobs
+        payload["top_logprobs"] = max(1, req.top_logprobs)
     return payload
 
 
@@ -231,11 +233,12 @@ def build_completion_payload(req: InternalRequest) -> tuple[str, dict[str, Any]]
 
 # --- llama-server JSON → internal events (pure) -----------------------------------------------
 
-def _token_infos(probs: list[dict[str, Any]] | None) -> list[TokenInfo]:
+def _token_infos(probs: list[dict[str, Any]] | None, top_n: int | None = None
+                 ) -> list[TokenInfo]:
     out = []
     for p in probs or []:
         top = [(t.get("token", ""), float(t.get("logprob", 0.0)), t.get("id"))
-               for t in p.get("top_logprobs") or []]
+               for t in (p.get("top_logprobs") or [])[:top_n]]
         out.append(TokenInfo(id=p.get("id"), text=p.get("token", ""),
                              logprob=p.get("logprob"), bytes=p.get("bytes"), top=top))
     return out
@@ -262,7 +265,8 @@ def _finish_reason(reason: str | None, stop_type: str | None, word: str | None) 
 class ChatChunkParser:
     """Turns llama-server chat stream chunks into internal events; keeps per-stream state."""
 
-    def __init__(self, prefill: str | None = None) -> None:
+    def __init__(self, prefill: str | None = None, top_n: int | None = None) -> None:
+        self.top_n = top_n  # alternatives kept per token (the engine sends at least one)
         self.finish_reason: str | None = None
         self.stop_type: str | None = None
         self.stopping_word: str | None = None
@@ -315,7 +319,7 @@ class ChatChunkParser:
             self.stopping_word = verbose.get("stopping_word") or None
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
-            tokens = _token_infos((choice.get("logprobs") or {}).get("content"))
+            tokens = _token_infos((choice.get("logprobs") or {}).get("content"), self.top_n)
             content = self._strip_prefill(delta.get("content") or "")
             if content or tokens:
                 events.append(TextDelta(text=content or "", tokens=tokens))
@@ -1049,7 +1053,7 @@ class LLAMAExecutor:
             path, payload = "/v1/chat/completions", build_chat_payload(req)
             last = req.messages[-1] if req.messages else None
             parser = ChatChunkParser(last.content if last and last.role == "assistant"
-                                     and not last.tool_calls else None)
+                                     and not last.tool_calls else None, req.top_logprobs)
         else:
             path, payload = build_completion_payload(req)
             parser = CompletionChunkParser()

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# What a chat template that can reason refers to: the tags, the switch of Qwen3-like
+# templates, the reasoning fields of earlier turns, gpt-oss's effort levels.
+_THINKING_MARKS = ("<think>", "enable_thinking", "reasoning_content", "reasoning_effort",
+                   "thinking")
+
 
 @dataclass
 class ModelInfo:
@@ -73,7 +78,7 @@ class ModelInfo:
         template = self.chat_template or ""
         if "tools" in template:
             caps.append("tools")
-        if "<think>" in template or "enable_thinking" in template:
+        if any(mark in template for mark in _THINKING_MARKS):
             caps.append("thinking")
         if self.projector is not None:
             caps.append("vision")

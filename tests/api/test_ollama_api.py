@@ -8,6 +8,8 @@ import json
 
 from ollama_server.core.errors import ContextLengthExceeded, EngineFailed
 from ollama_server.core.schemas import Finish, TextDelta, ToolCall, Usage
+from ollama_server.models.store import OllamaStore
+from tests.helpers import CHATML, add_store_model, write_tiny_gguf
 
 NDJSON = "application/x-ndjson"
 
@@ -174,17 +176,31 @@ def test_chat_stream_and_whole(client, fake_engines):
     assert body["eval_count"] == 2
 
 
-def test_chat_think_splits_reasoning_first(client, script):
+def test_think_on_a_model_that_cannot_reason_is_ollamas_400(client):
+    for path, extra in (("/api/chat", {"messages": [{"role": "user", "content": "q"}]}),
+                        ("/api/generate", {"prompt": "q"}), ("/api/generate", {})):
+        for think in (True, "high"):
+            r = client.post(path, json={"model": "tiny", "think": think, **extra})
+            assert r.status_code == 400, (path, think)
+            assert r.get_json() == {"error": '"tiny" does not support thinking'}
+
+
+def test_chat_think_splits_reasoning_first(client, script, tiny_store, tmp_path):
+    # A template that reasons (it mentions <think>): Ollama's "thinking" capability.
+    thinker = write_tiny_gguf(tmp_path / "thinker.gguf", chat_template=CHATML + "{# <think> #}")
+    add_store_model(OllamaStore(tiny_store), "thinker:latest", thinker)
+    assert "thinking" in client.post("/api/show", json={"model": "thinker"}
+                                     ).get_json()["capabilities"]
     script.events = [TextDelta("<thi"), TextDelta("nk>plan"), TextDelta("ning</th"),
                      TextDelta("ink>\n\nAnswer"), Finish("stop", Usage(completion_tokens=4))]
-    objs = lines(client.post("/api/chat", json={"model": "tiny", "think": True, "messages": [
-        {"role": "user", "content": "q"}]}))
+    objs = lines(client.post("/api/chat", json={"model": "thinker", "think": True,
+                                                "messages": [{"role": "user", "content": "q"}]}))
     thinking = "".join(o["message"].get("thinking", "") for o in objs)
     content = "".join(o["message"]["content"] for o in objs)
     assert thinking == "planning" and content == "Answer"
     first_content = next(i for i, o in enumerate(objs) if o["message"]["content"])
     assert all(not o["message"].get("thinking") for o in objs[first_content:])
-    body = client.post("/api/generate", json={"model": "tiny", "prompt": "q", "think": True,
+    body = client.post("/api/generate", json={"model": "thinker", "prompt": "q", "think": True,
                                               "stream": False}).get_json()
     assert body["thinking"] == "planning" and body["response"] == "Answer"
     # Without think, preserve_think_tags (on by default) keeps the tags in the content.

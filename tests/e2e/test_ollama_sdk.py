@@ -101,6 +101,20 @@ def test_chat_and_chat_stream(client):
     assert parts[-1].done and parts[-1].message.content == ""
 
 
+def test_logprobs_with_and_without_alternatives(client):
+    msgs = [{"role": "user", "content": "Hi"}]
+    resp = client.chat(model=MODEL, messages=msgs, logprobs=True, options={"num_predict": 3})
+    assert len(resp.logprobs) == 3
+    assert all(lp.logprob <= 0 and not lp.top_logprobs for lp in resp.logprobs)
+    raw = requests.post(f"{client._client.base_url}/api/chat", timeout=120, json={
+        "model": MODEL, "messages": msgs, "logprobs": True, "stream": False,
+        "options": {"num_predict": 2}}).json()
+    assert all("top_logprobs" not in lp for lp in raw["logprobs"])  # omitempty, as Ollama
+    gen = client.generate(model=MODEL, prompt="Hi", logprobs=True, top_logprobs=2,
+                          options={"num_predict": 3})
+    assert len(gen.logprobs) == 3 and all(len(lp.top_logprobs) == 2 for lp in gen.logprobs)
+
+
 def test_format_json_and_schema(client):
     resp = client.chat(model=MODEL, format="json", options={"temperature": 0,
                                                             "num_predict": 400},
@@ -276,23 +290,24 @@ answer ::= [A-Z] [a-z ]{5,30} "."'''
 
 
 def test_think_with_a_grammar_that_forces_a_think_block(client):
-    parts = list(client.chat(model=MODEL, think=True, stream=True,
-                             messages=[{"role": "user", "content": "Is the sky blue?"}],
-                             options={"grammar": GRAMMAR, "temperature": 0,
-                                      "num_predict": 120}))
-    kinds = ["thinking" if p.message.thinking else "content" if p.message.content else None
-             for p in parts]
-    kinds = [k for k in kinds if k]
-    assert "thinking" in kinds and "content" in kinds
-    assert kinds.index("content") > max(i for i, k in enumerate(kinds) if k == "thinking")
-    thinking = "".join(p.message.thinking or "" for p in parts)
+    """smollm2's template cannot reason, so ``think: true`` is Ollama's 400 (clients probe
+    for the capability with it). A grammar that forces a think block then shows the other
+    two modes with the real engine: ``think: false`` drops the block, no ``think`` keeps it.
+    The split into ``thinking`` is covered with a reasoning template in the API tests and
+    through the Anthropic SDK."""
+    msgs = [{"role": "user", "content": "Is the sky blue?"}]
+    opts = {"grammar": GRAMMAR, "temperature": 0, "num_predict": 120}
+    for call in (lambda: client.chat(model=MODEL, think=True, messages=msgs, options=opts),
+                 lambda: client.generate(model=MODEL, prompt="Hi", think="high", options=opts)):
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 400
+        assert err.value.error == f'"{MODEL}" does not support thinking'
+    parts = list(client.chat(model=MODEL, think=False, stream=True, messages=msgs,
+                             options=opts))
     content = "".join(p.message.content or "" for p in parts)
-    assert len(thinking) >= 10 and "<think>" not in content and "</think>" not in content
+    assert not any(p.message.thinking for p in parts)
+    assert "<think>" not in content and "</think>" not in content
     assert content[0].isupper() and content.endswith(".")
-    # The same through generate, not streamed; and without think the tags stay in place.
-    resp = client.generate(model=MODEL, prompt="Is the sky blue?", think=True,
-                           options={"grammar": GRAMMAR, "temperature": 0, "num_predict": 120})
-    assert resp.thinking and resp.response and "<think>" not in resp.response
-    resp = client.generate(model=MODEL, prompt="Is the sky blue?",
-                           options={"grammar": GRAMMAR, "temperature": 0, "num_predict": 120})
+    resp = client.generate(model=MODEL, prompt="Is the sky blue?", options=opts)
     assert resp.response.startswith("<think>") and "</think>" in resp.response

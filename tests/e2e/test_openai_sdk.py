@@ -223,3 +223,20 @@ def test_chat_logprobs(oai):
     assert len(content) == 3
     assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
     assert "".join(t.token for t in content) == resp.choices[0].message.content
+
+
+@pytest.mark.parametrize("top", [None, 0])
+def test_chat_logprobs_without_alternatives(oai, top):
+    """``logprobs: true`` alone (or with ``top_logprobs: 0``, as the Vercel AI SDK sends it)
+    still returns each token's logprob, with no alternatives, streamed or not."""
+    extra = {} if top is None else {"top_logprobs": top}
+    resp = oai.chat.completions.create(model=MODEL, max_tokens=3, logprobs=True, **extra,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 3 and all(t.logprob <= 0 and t.top_logprobs == [] for t in content)
+    chunks = list(oai.chat.completions.create(model=MODEL, max_tokens=3, logprobs=True,
+                                              stream=True, **extra,
+                                              messages=[{"role": "user", "content": "Hi"}]))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert len(streamed) == 3 and all(t.top_logprobs == [] for t in streamed)

@@ -145,6 +145,19 @@ def test_hf_chat_completion_with_placeholder_model(hf):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
+def test_hf_chat_completion_json_schema_holds(hf):
+    """huggingface_hub turns OpenAI's json_schema into TGI's {type: json_object, value:
+    <schema>}; the schema, not just "some JSON", must constrain the answer."""
+    schema = {"type": "object", "properties": {"zzz": {"type": "integer"}},
+              "required": ["zzz"], "additionalProperties": False}
+    out = hf.chat_completion([{"role": "user", "content": "Describe a person."}],
+                             max_tokens=30, temperature=0,
+                             response_format={"type": "json_schema",
+                                              "json_schema": {"name": "p", "schema": schema}})
+    answer = json.loads(out.choices[0].message.content)
+    assert list(answer) == ["zzz"] and isinstance(answer["zzz"], int)
+
+
 # --- TGI: raw HTTP ---------------------------------------------------------------------------
 
 def test_tgi_raw_routes(base_url):

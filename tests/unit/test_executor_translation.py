@@ -198,3 +198,20 @@ def test_engine_log_is_kept_in_blocks_with_its_error_lines(tmp_path):
     assert ex._stderr[-1] == "last words without a newline"
     assert ex._stderr[-3].endswith("id 299 | saving idle slot")
     assert ex.stderr_tail() == "failed to allocate buffer of 9 MiB"
+
+
+def test_logprobs_without_alternatives_still_ask_the_engine_for_probabilities():
+    """llama-server computes no probabilities with top_logprobs 0: the payload asks for one
+    alternative and the parser drops it, so each token has its logprob and no alternatives."""
+    req = InternalRequest(model="m", messages=[Message("user", "hi")], logprobs=True)
+    p = build_chat_payload(req)
+    assert p["logprobs"] is True and p["top_logprobs"] == 1
+    chunk = {"choices": [{"delta": {"content": "Hi"}, "logprobs": {"content": [
+        {"id": 5, "token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+         "top_logprobs": [{"id": 5, "token": "Hi", "logprob": -0.5}]}]}}]}
+    (event,) = ChatChunkParser(top_n=0).process(chunk)
+    assert event.tokens[0].logprob == -0.5 and event.tokens[0].top == []
+    (event,) = ChatChunkParser(top_n=3).process(chunk)
+    assert event.tokens[0].top == [("Hi", -0.5, 5)]
+    assert build_chat_payload(InternalRequest(model="m", messages=[Message("user", "hi")],
+                                              logprobs=True, top_logprobs=4))["top_logprobs"] == 4

@@ -63,6 +63,11 @@ def test_chat_request_fields():
     ({"model": "m", "messages": MSG, "response_format": {"type": "xml"}}, "response_format"),
     ({"model": "m", "messages": MSG, "response_format": {"type": "json_schema"}},
      "response_format"),
+    ({"model": "m", "messages": MSG, "response_format": {"type": "json_object",
+                                                          "value": "not json"}},
+     "response_format"),
+    ({"model": "m", "messages": MSG, "response_format": {"type": "regex", "value": ""}},
+     "response_format"),
     ({"model": "m", "messages": MSG, "tool_choice": {"type": "function",
                                                       "function": {"name": "g"}}},
      "tool_choice"),
@@ -180,3 +185,20 @@ def test_stop_reason_names_the_matched_stop_string():
     assert body["choices"][0]["stop_reason"] is None
     chunk = oa.OpenAIChatStream("m").process(Finish("stop_sequence", stop_sequence="END"))[-1]
     assert chunk["choices"][0]["stop_reason"] == "END"
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_object", "value": {"type": "object", "required": ["a"]}},
+    {"type": "json_object", "value": '{"type": "object", "required": ["a"]}'},
+    {"type": "json", "value": {"type": "object", "required": ["a"]}},
+])
+def test_tgi_grammar_form_of_response_format_is_a_schema(fmt):
+    """huggingface_hub's chat_completion sends OpenAI's json_schema in TGI's grammar form."""
+    req = oa.openai_chat_to_internal({"model": "m", "messages": MSG, "response_format": fmt})
+    assert req.json_schema == {"type": "object", "required": ["a"]}
+
+
+def test_tgi_regex_response_format_is_a_grammar():
+    req = oa.openai_chat_to_internal({"model": "m", "messages": MSG,
+                                      "response_format": {"type": "regex", "value": "[ab]+"}})
+    assert req.grammar and req.json_schema is None
