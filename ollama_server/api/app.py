@@ -82,6 +82,10 @@ def create_app(config: Config, manager: ModelManager | None = None,
     @app.after_request
     def _finish(resp: Response) -> Response:
         resp.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        if request.headers.get("anthropic-version") or request.path.startswith("/v1/messages"):
+            # The anthropic SDK reads ``request-id`` (``message._request_id``), on every route
+            # it calls (messages, count_tokens, models) and on errors.
+            resp.headers.setdefault("request-id", g.get("request_id", ""))
         origin = request.headers.get("Origin")
         if origin and origin_allowed(origin, config.cors_origins):
             resp.headers["Access-Control-Allow-Origin"] = origin

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 
 from ..adapters import claude as ca
 from .common import (
@@ -20,17 +20,16 @@ from .common import (
     sse_event,
     stream_response,
 )
-from .handlers import Generation, apply_model_defaults, start_generation, with_engine
+from .handlers import (
+    Generation,
+    apply_model_defaults,
+    fit_tools_to_template,
+    start_generation,
+    with_engine,
+)
 
 bp = Blueprint("claude", __name__)
 register_error_formatter("anthropic", ca.anthropic_error)
-
-
-@bp.after_request
-def _request_id_header(resp: Response) -> Response:
-    # The anthropic SDK exposes the ``request-id`` header as ``message._request_id``.
-    resp.headers.setdefault("request-id", g.get("request_id", ""))
-    return resp
 
 
 def claude_frames(gen: Generation, converter: ca.ClaudeStream) -> Iterator[str]:
@@ -68,6 +67,7 @@ def count_tokens() -> Response:
     req = ca.anthropic_messages_to_internal(body, require_max_tokens=False)
     with with_engine(req.model, template_of=req) as (engine, info):
         apply_model_defaults(req, info)  # the model's system prompt is part of what it sees
+        fit_tools_to_template(req, info)  # and the tools, as generation would give them
         prompt = engine.apply_template(req)
         tokens = engine.tokenize(prompt, add_special=True)
     return jsonify({"input_tokens": len(tokens)})

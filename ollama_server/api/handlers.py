@@ -105,6 +105,16 @@ def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
         req.messages.insert(0, Message(role="system", content=info.system))
 
 
+def fit_tools_to_template(req: InternalRequest, info: ModelInfo) -> list[Tool] | None:
+    """For a chat template that does not render tools, describe them in the prompt instead
+    (core/tool_fallback.py); the tools whose calls must then be read out of the answer, or
+    None. Everything that builds the prompt (generation, token counts) goes through here, so
+    a count is the count of what is generated."""
+    if req.tools and not template_supports_tools(info.chat_template):
+        return prepare_generic_tools(req)
+    return None
+
+
 def _check_capabilities(req: InternalRequest, info: ModelInfo) -> None:
     if info.is_embedding_only:
         raise Unsupported(f"\"{info.name}\" does not support generate")
@@ -381,9 +391,7 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
     apply_model_defaults(req, info)
     _check_capabilities(req, info)
     fit_request_to_engine(req, info, svc.config)
-    extract_tools = None
-    if req.tools and not template_supports_tools(info.chat_template):
-        extract_tools = prepare_generic_tools(req)
+    extract_tools = fit_tools_to_template(req, info)
     tracker = svc.tracker
     cancel = tracker.start(req.request_id, info.name, req.dialect, endpoint=endpoint,
                            stream=req.stream,

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, jsonify
 from ..adapters import vllm as vl
 from ..core.schemas import Finish
 from .common import as_service_error, json_body, ndjson_line, stream_response
-from .handlers import services, start_generation, with_engine
+from .handlers import fit_tools_to_template, services, start_generation, with_engine
 from .validation import check_token_ids
 
 bp = Blueprint("vllm", __name__)
@@ -26,7 +26,9 @@ def vllm_tokenize(body: dict[str, Any]) -> Response:
     token_strs}``, with the model's own tokenizer and chat template."""
     svc = services()
     tok = vl.vllm_tokenize_request(body, svc.manager.default_model_name())
-    with with_engine(tok.model, template_of=tok.chat) as (engine, _info):
+    with with_engine(tok.model, template_of=tok.chat) as (engine, info):
+        if tok.chat is not None:
+            fit_tools_to_template(tok.chat, info)
         text = engine.apply_template(tok.chat) if tok.chat is not None else tok.prompt
         pieces = engine.tokenize(text or "", add_special=tok.add_special_tokens,
                                  with_pieces=True)

@@ -92,6 +92,27 @@ def test_count_tokens_matches_the_engine(claude):
     assert counted.input_tokens == processed
 
 
+def test_count_tokens_counts_the_tools(claude):
+    """smollm2's template does not render tools, so they go into the prompt as text: the
+    count must include them, as the generation's usage does."""
+    tools = [{"name": "get_weather", "description": "The weather in a city.",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                               "required": ["city"]}}]
+    messages = [{"role": "user", "content": "Say hi"}]
+    bare = claude.messages.count_tokens(model=MODEL, messages=messages)
+    counted = claude.messages.count_tokens(model=MODEL, messages=messages, tools=tools)
+    msg = claude.messages.create(model=MODEL, max_tokens=2, messages=messages, tools=tools)
+    assert counted.input_tokens > bare.input_tokens
+    assert counted.input_tokens == msg.usage.input_tokens + msg.usage.cache_read_input_tokens
+
+
+def test_models_carry_the_request_id_header(claude):
+    page = claude.models.with_raw_response.list()
+    assert page.headers["request-id"] == page.headers["x-request-id"]
+    model = claude.models.with_raw_response.retrieve(MODEL)
+    assert model.headers["request-id"]
+
+
 def test_stop_sequences(claude):
     msg = claude.messages.create(
         model=MODEL, max_tokens=20, stop_sequences=["gamma"],
