@@ -349,7 +349,7 @@ def response_envelope(body: dict[str, Any], req: InternalRequest,
         "previous_response_id": None,
         "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         "service_tier": "default",
-        "store": body.get("store", True) is not False,
+        "store": False,  # nothing is kept: no GET /v1/responses/{id}, no previous_response_id
         "temperature": req.temperature if req.temperature is not None else 1.0,
         "text": text,
         "tool_choice": choice,

@@ -158,6 +158,7 @@ def test_non_stream_response_parses_in_the_sdk():
     assert resp.usage.input_tokens_details.cached_tokens == 2
     assert resp.usage.output_tokens_details.reasoning_tokens == 1
     assert resp.instructions == "I" and resp.temperature == 0.2 and resp.error is None
+    assert resp.store is False  # nothing is kept, whatever the request asked
 
 
 def test_non_stream_tool_calls_and_length():
