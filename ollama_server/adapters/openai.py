@@ -32,6 +32,7 @@ from ..core.schemas import (
     Event,
     Finish,
     InternalRequest,
+    PromptInfo,
     ReasoningDelta,
     TextDelta,
     TokenInfo,
@@ -139,6 +140,14 @@ def include_usage(body: dict[str, Any]) -> bool:
     if not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
     return bool(options.get("include_usage"))
+
+
+def continuous_usage(body: dict[str, Any]) -> bool:
+    """vLLM's ``stream_options.continuous_usage_stats``: usage on every chunk (with
+    ``include_usage``, as vLLM requires both)."""
+    options = body.get("stream_options")
+    return (include_usage(body) and isinstance(options, dict)
+            and options.get("continuous_usage_stats") is True)
 
 
 def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> InternalRequest:
@@ -349,7 +358,8 @@ class _ChoicesStream:
     object = ""
 
     def __init__(self, prefix: str, model: str, include_usage: bool, logprobs: bool,
-                 n: int, completion_id: str | None = None) -> None:
+                 n: int, completion_id: str | None = None,
+                 continuous_usage: bool = False) -> None:
         self.id = completion_id or new_id(prefix)
         self.model = model
         self.created = int(time.time())
@@ -357,12 +367,36 @@ class _ChoicesStream:
         self.logprobs = logprobs
         self.n = n
         self._finishes: dict[int, Finish] = {}
+        self.continuous = include_usage and continuous_usage
+        self._prompt_tokens = 0  # known once the engine has read the prompt
+        self._generated: dict[int, int] = {}  # tokens so far, by choice
+
+    def _count(self, event: Event) -> None:
+        """Keep the running usage that ``continuous_usage_stats`` puts on every chunk: the
+        prompt from the engine's first report, then the tokens each choice has generated
+        (exact at its finish)."""
+        if not self.continuous:
+            return
+        kind = type(event)
+        if kind is PromptInfo:
+            self._prompt_tokens = event.prompt_tokens
+        elif kind is Finish:
+            self._prompt_tokens = event.usage.prompt_tokens or self._prompt_tokens
+            self._generated[event.choice] = event.usage.completion_tokens
+        elif kind is TextDelta or kind is ReasoningDelta or kind is ToolCallDelta:
+            tokens = len(event.tokens) if kind is TextDelta else 0
+            self._generated[event.choice] = self._generated.get(event.choice, 0) + (tokens or 1)
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk = {"id": self.id, "object": self.object, "created": self.created,
                  "model": self.model, "system_fingerprint": FINGERPRINT, "choices": choices}
         if self.include_usage:
             chunk["usage"] = None
+            if self.continuous and choices:
+                done = self._generated.get(choices[0]["index"], 0)
+                chunk["usage"] = {"prompt_tokens": self._prompt_tokens,
+                                  "completion_tokens": done,
+                                  "total_tokens": self._prompt_tokens + done}
         return chunk
 
     def _finished(self, event: Finish, chunk: dict[str, Any]) -> list[dict[str, Any]]:
@@ -383,8 +417,10 @@ class OpenAIChatStream(_ChoicesStream):
     object = "chat.completion.chunk"
 
     def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
-                 completion_id: str | None = None, n: int = 1) -> None:
-        super().__init__("chatcmpl", model, include_usage, logprobs, n, completion_id)
+                 completion_id: str | None = None, n: int = 1,
+                 continuous_usage: bool = False) -> None:
+        super().__init__("chatcmpl", model, include_usage, logprobs, n, completion_id,
+                         continuous_usage)
         self._started = False
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
@@ -402,6 +438,7 @@ class OpenAIChatStream(_ChoicesStream):
 
     def process(self, event: Event) -> list[dict[str, Any]]:
         """Chunks for one internal event."""
+        self._count(event)
         out = self.start()
         index = event.choice
         if isinstance(event, TextDelta):
@@ -469,8 +506,10 @@ class OpenAICompletionStream(_ChoicesStream):
     object = "text_completion"
 
     def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
-                 echo_prompt: str | None = None, n: int = 1) -> None:
-        super().__init__("cmpl", model, include_usage, logprobs, n)
+                 echo_prompt: str | None = None, n: int = 1,
+                 continuous_usage: bool = False) -> None:
+        super().__init__("cmpl", model, include_usage, logprobs, n,
+                         continuous_usage=continuous_usage)
         self._echo = echo_prompt
         self._echoed: set[int] = set()
         self._offsets = dict.fromkeys(range(n), len(echo_prompt or ""))
@@ -482,6 +521,7 @@ class OpenAICompletionStream(_ChoicesStream):
 
     def process(self, event: Event) -> list[dict[str, Any]]:
         """Chunks for one internal event."""
+        self._count(event)
         out = []
         index = event.choice
         if self._echo and index not in self._echoed:

@@ -53,7 +53,8 @@ def chat_completions() -> Response:
     gen = start_generation(req, "/v1/chat/completions")
     if req.stream:
         return sse_stream(gen, oa.OpenAIChatStream(body["model"], oa.include_usage(body),
-                                                   req.logprobs, n=req.n))
+                                                   req.logprobs, n=req.n,
+                                                   continuous_usage=oa.continuous_usage(body)))
     return jsonify(oa.internal_to_openai_chat(gen.collect_choices(), body["model"],
                                               req.logprobs))
 
@@ -68,8 +69,9 @@ def completions() -> Response:
     gen = start_generation(req, "/v1/completions")
     prompt = req.prompt if echo else None
     if req.stream:
-        return sse_stream(gen, oa.OpenAICompletionStream(body["model"], oa.include_usage(body),
-                                                         req.logprobs, prompt, n=req.n))
+        return sse_stream(gen, oa.OpenAICompletionStream(
+            body["model"], oa.include_usage(body), req.logprobs, prompt, n=req.n,
+            continuous_usage=oa.continuous_usage(body)))
     return jsonify(oa.internal_to_openai_completion(gen.collect_choices(), body["model"],
                                                     prompt, req.logprobs))
 

@@ -202,6 +202,25 @@ def test_vllm_sampling_extras(oai):
     assert resp.choices[0].message.content
 
 
+def test_vllm_continuous_usage_stats(oai):
+    """Usage on every chunk, counting up, the last one exact (vLLM's stream option)."""
+    chunks = list(oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to ten."}], max_tokens=6,
+        temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content and all(c.usage.prompt_tokens > 0 for c in content)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+               for c in chunks)
+    plain = list(oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True}))
+    assert [c.usage is None for c in plain] == [True] * (len(plain) - 1) + [False]
+
+
 def test_vllm_guided_choice(oai):
     resp = _chat(oai, "Is the sky blue? Answer yes or no.", guided_choice=["yes", "no"])
     assert resp.choices[0].message.content in ("yes", "no")
