@@ -320,9 +320,17 @@ def tool_call_dicts(calls: list[ToolCall]) -> list[dict[str, Any]]:
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
+def legacy_functions(body: dict[str, Any]) -> bool:
+    """Whether the request offered the deprecated ``functions`` (and no ``tools``): OpenAI
+    then answers with ``message.function_call`` and ``finish_reason: "function_call"``."""
+    return bool(body.get("functions")) and not body.get("tools")
+
+
 def internal_to_openai_chat(results: Any, model: str, logprobs: bool = False,
-                            completion_id: str | None = None) -> dict[str, Any]:
-    """A non-streamed chat completion from a collected Result (or one per choice)."""
+                            completion_id: str | None = None,
+                            functions: bool = False) -> dict[str, Any]:
+    """A non-streamed chat completion from a collected Result (or one per choice);
+    ``functions``: in the deprecated function-call form (``legacy_functions``)."""
     choices = []
     for index, result in enumerate(_as_list(results)):
         finish = result.finish
@@ -332,12 +340,16 @@ def internal_to_openai_chat(results: Any, model: str, logprobs: bool = False,
         if result.reasoning:
             message["reasoning_content"] = result.reasoning
             message["reasoning"] = result.reasoning
-        if result.tool_calls:
+        reason = FINISH_REASONS.get(finish.reason if finish else "stop", "stop")
+        if result.tool_calls and functions:
+            call = result.tool_calls[0]  # the function-call form has room for one
+            message["function_call"] = {"name": call.name, "arguments": call.arguments}
+            reason = "function_call"
+        elif result.tool_calls:
             message["tool_calls"] = tool_call_dicts(result.tool_calls)
         choices.append({"index": index, "message": message,
                         "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
-                        "finish_reason": FINISH_REASONS.get(finish.reason if finish else "stop",
-                                                            "stop"),
+                        "finish_reason": reason,
                         "stop_reason": stop_reason(finish)})
     return {
         "id": completion_id or new_id("chatcmpl"),
@@ -418,10 +430,11 @@ class OpenAIChatStream(_ChoicesStream):
 
     def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
                  completion_id: str | None = None, n: int = 1,
-                 continuous_usage: bool = False) -> None:
+                 continuous_usage: bool = False, functions: bool = False) -> None:
         super().__init__("chatcmpl", model, include_usage, logprobs, n, completion_id,
                          continuous_usage)
         self._started = False
+        self.functions = functions  # the deprecated function-call form (legacy_functions)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
                logprobs: Any = None, index: int = 0) -> dict[str, Any]:
@@ -449,6 +462,12 @@ class OpenAIChatStream(_ChoicesStream):
         elif isinstance(event, ReasoningDelta):
             out.append(self._chunk({"reasoning_content": event.text,
                                     "reasoning": event.text}, index=index))
+        elif isinstance(event, ToolCallDelta) and self.functions:
+            if event.index == 0:  # the function-call form has room for one call
+                fn: dict[str, Any] = {"arguments": event.arguments}
+                if event.name is not None:
+                    fn = {"name": event.name, **fn}
+                out.append(self._chunk({"function_call": fn}, index=index))
         elif isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.index,
                                     "function": {"arguments": event.arguments}}
@@ -458,8 +477,10 @@ class OpenAIChatStream(_ChoicesStream):
                 call["function"]["name"] = event.name
             out.append(self._chunk({"tool_calls": [call]}, index=index))
         elif isinstance(event, Finish):
-            out += self._finished(event, self._chunk(
-                {}, FINISH_REASONS.get(event.reason, "stop"), index=index))
+            reason = FINISH_REASONS.get(event.reason, "stop")
+            if self.functions and reason == "tool_calls":
+                reason = "function_call"
+            out += self._finished(event, self._chunk({}, reason, index=index))
         return out
 
 

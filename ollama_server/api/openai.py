@@ -54,9 +54,11 @@ def chat_completions() -> Response:
     if req.stream:
         return sse_stream(gen, oa.OpenAIChatStream(body["model"], oa.include_usage(body),
                                                    req.logprobs, n=req.n,
-                                                   continuous_usage=oa.continuous_usage(body)))
+                                                   continuous_usage=oa.continuous_usage(body),
+                                                   functions=oa.legacy_functions(body)))
     return jsonify(oa.internal_to_openai_chat(gen.collect_choices(), body["model"],
-                                              req.logprobs))
+                                              req.logprobs,
+                                              functions=oa.legacy_functions(body)))
 
 
 @bp.post("/v1/completions")

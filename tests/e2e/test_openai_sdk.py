@@ -201,6 +201,29 @@ def test_tool_call_round_trip(oai):
     assert final.usage.prompt_tokens > alone.usage.prompt_tokens + 10
 
 
+def test_legacy_functions_are_answered_as_a_function_call(oai):
+    """The deprecated ``functions`` / ``function_call`` get the deprecated answer form:
+    ``message.function_call`` and ``finish_reason: "function_call"``, streamed or not."""
+    fn = WEATHER_TOOL["function"]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    resp = oai.chat.completions.create(model=MODEL, messages=messages, functions=[fn],
+                                       function_call={"name": "get_weather"}, max_tokens=60,
+                                       temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    assert choice.message.function_call.name == "get_weather"
+    assert isinstance(json.loads(choice.message.function_call.arguments)["city"], str)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, functions=[fn],
+                                              function_call={"name": "get_weather"},
+                                              max_tokens=60, temperature=0, stream=True))
+    calls = [c.choices[0].delta.function_call for c in chunks
+             if c.choices and c.choices[0].delta.function_call]
+    assert calls[0].name == "get_weather"
+    assert "".join(c.arguments or "" for c in calls) == choice.message.function_call.arguments
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "function_call"
+
+
 def test_tool_call_streamed(oai):
     stream = oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
