@@ -461,6 +461,8 @@ def stop_reason(finish: Finish | None) -> str:
         return "end_turn"
     if finish.tool_calls:
         return "tool_use"
+    if finish.context_full:
+        return "model_context_window_exceeded"
     return STOP_REASONS.get(finish.reason, "end_turn")
 
 

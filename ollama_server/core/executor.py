@@ -270,6 +270,7 @@ class ChatChunkParser:
         self.finish_reason: str | None = None
         self.stop_type: str | None = None
         self.stopping_word: str | None = None
+        self.truncated = False  # the engine ran out of context
         self.tool_calls: dict[int, ToolCall] = {}
         # llama-server repeats an assistant prefill (the last message) at the start of its
         # answer; clients expect only the continuation.
@@ -317,6 +318,7 @@ class ChatChunkParser:
         if verbose:
             self.stop_type = verbose.get("stop_type")
             self.stopping_word = verbose.get("stopping_word") or None
+            self.truncated = verbose.get("truncated") is True
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             tokens = _token_infos((choice.get("logprobs") or {}).get("content"), self.top_n)
@@ -348,7 +350,8 @@ class ChatChunkParser:
                 usage=_usage_from(chunk.get("timings"), usage.get("prompt_tokens", 0),
                                   usage.get("completion_tokens", 0), cached),
                 stop_sequence=self.stopping_word if reason == "stop_sequence" else None,
-                tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)]))
+                tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)],
+                context_full=reason == "length" and self.truncated))
         return events
 
 

@@ -200,7 +200,8 @@ class Finish:
     """The end of a generation.
 
     ``reason``: ``stop`` (end of sequence), ``stop_sequence`` (``stop_sequence`` holds the
-    matched string), ``length`` (max tokens or context), ``tool_calls``.
+    matched string), ``length`` (max tokens or context), ``tool_calls``. ``context_full``:
+    a ``length`` that came from the context window, not from the token limit.
     """
 
     reason: str
@@ -209,6 +210,7 @@ class Finish:
     tool_calls: list[ToolCall] = field(default_factory=list)
     prompt_tokens_ids: list[int] | None = None
     choice: int = 0
+    context_full: bool = False
 
 
 Event = TextDelta | ReasoningDelta | ToolCallDelta | PromptInfo | Finish

@@ -113,6 +113,19 @@ def test_stop_sequence_reported(client, script):
     assert body["stop_reason"] == "stop_sequence" and body["stop_sequence"] == ", 3"
 
 
+def test_a_full_context_window_is_its_own_stop_reason(client, script):
+    script.events = [TextDelta("a b"), Finish("length", Usage(8181, 11), context_full=True)]
+    body = client.post("/v1/messages", json=MSG).get_json()
+    assert body["stop_reason"] == "model_context_window_exceeded"
+    final = [e for e in events(client.post("/v1/messages", json={**MSG, "stream": True}))
+             if e[0] == "message_delta"][-1][1]
+    assert final["delta"]["stop_reason"] == "model_context_window_exceeded"
+    # The other dialects call it a length stop.
+    body = client.post("/v1/chat/completions", json={
+        "model": "tiny", "messages": MSG["messages"]}).get_json()
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
 def test_billing_line_never_reaches_the_engine(client, fake_engines):
     system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.1.e51; "
                                        "cc_entrypoint=cli; cch=1a2b3;"},

@@ -215,3 +215,17 @@ def test_logprobs_without_alternatives_still_ask_the_engine_for_probabilities():
     assert event.tokens[0].top == [("Hi", -0.5, 5)]
     assert build_chat_payload(InternalRequest(model="m", messages=[Message("user", "hi")],
                                               logprobs=True, top_logprobs=4))["top_logprobs"] == 4
+
+
+def test_a_context_that_filled_up_is_a_length_stop_marked_context_full():
+    def finish(verbose):
+        parser = ChatChunkParser()
+        parser.process({"choices": [{"delta": {}, "finish_reason": "length"}],
+                        "__verbose": verbose})
+        (event,) = parser.process({"choices": [], "usage": {"prompt_tokens": 501,
+                                                            "completion_tokens": 11}})
+        return event
+    full = finish({"stop_type": "limit", "truncated": True})
+    assert full.reason == "length" and full.context_full
+    limit = finish({"stop_type": "limit", "truncated": False})
+    assert limit.reason == "length" and not limit.context_full
