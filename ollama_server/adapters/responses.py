@@ -283,7 +283,8 @@ def responses_to_internal(body: dict[str, Any]) -> InternalRequest:
     instructions = get_str(body, "instructions")
     if instructions:
         messages.insert(0, Message(role="system", content=instructions))
-    req = InternalRequest(model=model, dialect="openai", messages=messages)
+    req = InternalRequest(model=model, dialect="openai", messages=messages,
+                          prompt_field="input")
     req.max_tokens = get_number(body, "max_output_tokens", 1, integer=True)
     req.temperature = get_number(body, "temperature", 0, 2)
     req.top_p = get_number(body, "top_p", 0, 1)

@@ -195,7 +195,8 @@ def tgi_generate_to_internal(body: dict[str, Any], model: str,
         raise TGIValidation(f"adapter `{params['adapter_id']}` is not loaded (this server has "
                             f"no LoRA adapters)")
 
-    req = InternalRequest(model=model, dialect="tgi", prompt=inputs, raw=True, stream=stream)
+    req = InternalRequest(model=model, dialect="tgi", prompt=inputs, raw=True, stream=stream,
+                          prompt_field="inputs")
     if sampling:
         req.temperature = float(temperature) if temperature is not None else 1.0
         req.top_k = top_k if top_k is not None else 0

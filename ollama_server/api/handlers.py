@@ -427,6 +427,8 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services | None =
         if acquired:
             svc.manager.release(info.name, req.keep_alive)
         _finish_failed(tracker, req.request_id, exc)
+        if isinstance(exc, ContextLengthExceeded):
+            exc.param = req.prompt_param  # the field the caller sent its prompt in
         raise
     return Generation(svc, req, info, engine, stream, load_s, cancel, started, extract_tools)
 

@@ -105,11 +105,18 @@ class InternalRequest:
     num_ctx: int | None = None
     keep_alive: float | None = None  # seconds; negative keeps the model loaded forever
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    prompt_field: str | None = None  # the body field errors about the prompt name (default:
+    #                                  messages or prompt; Responses' input, TGI's inputs)
 
     @property
     def is_chat(self) -> bool:
         """True for a chat request (messages), False for a raw prompt."""
         return self.messages is not None
+
+    @property
+    def prompt_param(self) -> str:
+        """The request field that holds the prompt, as errors name it."""
+        return self.prompt_field or ("messages" if self.is_chat else "prompt")
 
 
 @dataclass

@@ -149,6 +149,15 @@ def test_prompt_over_context_is_400_naming_both_numbers(oai):
     message = err.value.body["message"]
     assert "8192" in message and "9031" in message
     assert err.value.body["code"] == "context_length_exceeded"
+    assert err.value.body["param"] == "messages"
+    # The error names the field the prompt came in.
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.completions.create(model=MODEL, prompt=long, max_tokens=5)
+    assert err.value.body["code"] == "context_length_exceeded"
+    assert err.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.create(model=MODEL, input=long, max_output_tokens=16)
+    assert err.value.body["param"] == "input"
 
 
 def test_eight_concurrent_streams_run_together(oai):
