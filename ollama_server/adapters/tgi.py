@@ -214,6 +214,7 @@ def tgi_generate_to_internal(body: dict[str, Any], model: str,
     if frequency_penalty is not None:
         req.frequency_penalty = float(frequency_penalty)
     req.stop = [s for s in stop if s]
+    req.include_stop_str_in_output = True  # TGI's generated text ends with the stop sequence
     # The engine reports each token's id, text and logprob only when asked for probabilities.
     req.logprobs = True
     req.top_logprobs = max(1, top_n_tokens or 0)

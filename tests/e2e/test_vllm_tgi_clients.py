@@ -75,6 +75,13 @@ def test_text_generation_stop_sequence_and_full_text(tgi):
                         return_full_text=True)
     assert resp.details.finish_reason == text_generation.types.FinishReason.StopSequence
     assert resp.generated_text.startswith("1, 2, 3, 4,")
+    # TGI keeps the stop sequence at the end of the generated text, streamed or not.
+    resp = tgi.generate("1, 2, 3, 4,", max_new_tokens=20, stop_sequences=[" 7"])
+    assert resp.generated_text == " 5, 6, 7"
+    last = list(tgi.generate_stream("1, 2, 3, 4,", max_new_tokens=20,
+                                    stop_sequences=[" 7"]))[-1]
+    assert last.generated_text == " 5, 6, 7"
+    assert last.details.finish_reason == text_generation.types.FinishReason.StopSequence
 
 
 def test_text_generation_stream(tgi):
