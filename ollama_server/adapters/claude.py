@@ -389,6 +389,9 @@ def anthropic_messages_to_internal(body: dict[str, Any], require_max_tokens: boo
     req.temperature = get_number(body, "temperature", 0, 1)
     req.top_p = get_number(body, "top_p", 0, 1)
     req.top_k = get_number(body, "top_k", 0, integer=True)
+    if isinstance(body.get("stop_sequences"), str):
+        raise InvalidRequest("stop_sequences: Input should be a valid list",
+                             param="stop_sequences")
     req.stop = get_stop(body, "stop_sequences")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):

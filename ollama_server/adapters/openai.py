@@ -168,6 +168,9 @@ def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> In
     _response_format(body, req)
     req.tools = _parse_tools(body)
     req.tool_choice = _parse_tool_choice(body)
+    if req.tool_choice == "required" and not req.tools:
+        raise InvalidRequest("Invalid value for 'tool_choice': 'tool_choice' is only allowed "
+                             "when 'tools' are specified.", param="tool_choice")
     if isinstance(req.tool_choice, dict) and not any(
             t.name == req.tool_choice["name"] for t in req.tools):
         raise InvalidRequest(f"tool_choice names {req.tool_choice['name']!r}, which is not in "

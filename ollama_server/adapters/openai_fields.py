@@ -105,6 +105,10 @@ def common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
     req.seed = get_number(body, "seed", integer=True)
     req.stop = get_stop(body)
     req.stream = get_bool(body, "stream")
+    if body.get("stream_options") is not None and not req.stream:
+        # OpenAI's and vLLM's 400: the options are about a stream there is not.
+        raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is "
+                             "enabled.", param="stream_options")
     req.n = get_n(body)
     bias = body.get("logit_bias")
     if bias is not None:

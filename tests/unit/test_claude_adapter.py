@@ -217,6 +217,7 @@ def test_count_tokens_body_needs_no_max_tokens():
     ({"temperature": 1.5}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"stop_sequences": [1]}, "stop_sequences"),
+    ({"stop_sequences": "x"}, "stop_sequences"),
     ({"tools": [{"name": "a"}]}, "tools"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools"),
     ({"tool_choice": {"type": "tool", "name": "zzz"}}, "tool_choice"),
