@@ -344,7 +344,9 @@ def blob_upload(digest: str) -> Response:
     hex_digest = digest_to_hex(digest)
     if store.blob_path(digest).is_file():
         return Response(status=200)
-    request.max_content_length = None  # model files are bigger than any JSON body limit
+    # Model files are bigger than any JSON body limit, and Ollama takes blobs of any size.
+    # (None would fall back to the app's MAX_CONTENT_LENGTH: Flask reads it that way.)
+    request.max_content_length = 1 << 62
     store.write_blob(request.stream, hex_digest)
     return Response(status=201)
 

@@ -340,6 +340,17 @@ def test_blob_upload_checks_digest_and_leaves_nothing_on_mismatch(client, tiny_s
     assert client.post("/api/blobs/sha256:xyz", data=data).status_code == 400
     assert client.post(f"/api/blobs/{digest}", data=data).status_code == 201
     assert client.head(f"/api/blobs/{digest}").status_code == 200
+
+
+def test_blobs_are_not_held_to_the_json_body_limit(app, client):
+    """Model files are far bigger than max_body_mb; Ollama takes blobs of any size."""
+    app.config["MAX_CONTENT_LENGTH"] = 1024  # what max_body_mb sets, here 1 KB
+    data = bytes(range(256)) * 64  # 16 KB
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert client.post(f"/api/blobs/{digest}", data=data).status_code == 201
+    assert client.head(f"/api/blobs/{digest}").status_code == 200
+    assert client.post("/api/chat", data=b"{" + b" " * 2048 + b"}",
+                       content_type="application/json").status_code == 413
     assert client.post(f"/api/blobs/{digest}", data=data).status_code == 200
 
 
