@@ -59,6 +59,8 @@ from .validation import fit_embedding_inputs, fit_request_to_engine
 
 log = logging.getLogger(__name__)
 
+GONE_CHECK_S = 0.25  # how often an answer that is not streamed looks for a client that hung up
+
 
 @dataclass
 class Services:
@@ -165,6 +167,10 @@ class Generation:
         # request_timeout bounds the whole generation, not only the engine's silences.
         self._timeout = svc.config.request_timeout
         self._deadline = time.monotonic() + self._timeout
+        # A client that hangs up is noticed by a stream's next write; an answer that is not
+        # streamed writes nothing until the end, so its generation looks for the hang-up.
+        self._client_gone = None if req.stream or not has_request_context() \
+            else client_gone_check()
         if req.n > 1:
             # The choices meet in a queue, which the relay thread cannot wait on; pinned here,
             # in the request's context, before a stream's first frame can be sent.
@@ -271,9 +277,14 @@ class Generation:
 
     def __iter__(self) -> Iterator[Event]:
         state, error = RequestState.CANCELLED, "client disconnected"
+        gone, check_at = self._client_gone, 0.0
         try:
             events = self._choice(0, self._streams[0]) if self.req.n == 1 else self._parallel()
             for event in events:
+                if gone is not None and (now := time.monotonic()) >= check_at:
+                    check_at = now + GONE_CHECK_S
+                    if gone():
+                        raise Cancelled("client disconnected")
                 if isinstance(event, Finish):
                     self.finishes[event.choice] = event
                     self.finish = event

@@ -54,6 +54,37 @@ def test_client_disconnect_stops_generation_in_engine(base_url):
     assert status["state"] == "cancelled" and status["tokens_generated"] < 3000
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"max_tokens": 3000, "ignore_eos": True,
+                              "messages": [{"role": "user", "content": "Write a long story."}]}),
+    ("/api/generate", {"prompt": "Write a long story.", "stream": False,
+                       "options": {"num_predict": 3000}}),
+    ("/v1/messages", {"max_tokens": 3000,
+                      "messages": [{"role": "user", "content": "Write a long story."}]}),
+])
+def test_a_client_that_leaves_a_non_streamed_answer_stops_it(base_url, path, body):
+    """Nothing is written to a non-streamed answer until it is done, so the generation
+    itself looks for the hang-up: the engine stops within a moment, as Ollama's does."""
+    rid = f"leaves-{path.strip('/').replace('/', '-')}-{time.monotonic_ns()}"
+    requests.post(base_url + "/api/generate", json={"model": MODEL}, timeout=120)  # loaded
+    port = engine_of(base_url)["port"]
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(base_url + path, json={"model": MODEL, **body}, timeout=(5, 1.5),
+                      headers={"X-Request-Id": rid, "anthropic-version": "2023-06-01"})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = requests.get(f"{base_url}/api/progress/{rid}", timeout=5).json()
+        if status["state"] in ("cancelled", "completed", "failed"):
+            break
+        time.sleep(0.1)
+    assert status["state"] == "cancelled", status
+    assert status["tokens_generated"] < 3000
+    deadline = time.monotonic() + 10
+    while slots_busy(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not slots_busy(port), "the engine kept generating for a client that left"
+
+
 def test_engine_killed_mid_request_then_next_request_works(base_url):
     oai = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=60)
     oai.chat.completions.create(model=MODEL, max_tokens=1,
