@@ -99,6 +99,8 @@ def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
             setattr(req, attr, params[key])
     if "num_ctx" in params and req.num_ctx is None:
         req.num_ctx = int(params["num_ctx"])
+    if "num_predict" in params and req.max_tokens is None and int(params["num_predict"]) > 0:
+        req.max_tokens = int(params["num_predict"])  # -1 and -2 leave it unlimited
     if "stop" in params and not req.stop:
         stops = params["stop"]
         req.stop = [stops] if isinstance(stops, str) else list(stops)

@@ -354,6 +354,19 @@ def test_blobs_are_not_held_to_the_json_body_limit(app, client):
     assert client.post(f"/api/blobs/{digest}", data=data).status_code == 200
 
 
+def test_a_models_num_predict_caps_requests_that_set_none(client, fake_engines):
+    client.post("/api/create", json={"model": "short", "from": "tiny", "stream": False,
+                                     "parameters": {"num_predict": 4}})
+    client.post("/api/generate", json={"model": "short", "prompt": "q", "stream": False})
+    assert last_request(fake_engines).max_tokens == 4
+    client.post("/api/generate", json={"model": "short", "prompt": "q", "stream": False,
+                                       "options": {"num_predict": 9}})
+    assert last_request(fake_engines).max_tokens == 9
+    client.post("/v1/chat/completions", json={"model": "short", "messages": [
+        {"role": "user", "content": "q"}]})
+    assert last_request(fake_engines).max_tokens == 4
+
+
 def test_create_from_uploaded_gguf_and_from_model(client, tiny_gguf, tiny_store):
     data = tiny_gguf.read_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
