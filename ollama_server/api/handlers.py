@@ -107,6 +107,13 @@ def apply_model_defaults(req: InternalRequest, info: ModelInfo) -> None:
     if info.system and req.messages is not None and not any(
             m.role == "system" for m in req.messages):
         req.messages.insert(0, Message(role="system", content=info.system))
+    if info.messages and req.messages is not None:
+        # The model's own conversation (MESSAGE in a Modelfile) comes after the system prompt
+        # and before the request's turns, as Ollama puts it.
+        at = next((i for i, m in enumerate(req.messages) if m.role != "system"),
+                  len(req.messages))
+        req.messages[at:at] = [Message(role=m["role"], content=m["content"])
+                               for m in info.messages]
 
 
 def fit_tools_to_template(req: InternalRequest, info: ModelInfo) -> list[Tool] | None:

@@ -179,6 +179,18 @@ class ModelManager:
             except ValueError:
                 log.warning("params layer of %s is not JSON", name.short)
         info.system = self.store.read_layer_text(manifest, "system")
+        messages_text = self.store.read_layer_text(manifest, "messages")
+        if messages_text:
+            try:
+                messages = json.loads(messages_text)
+            except ValueError:
+                messages = None
+            if isinstance(messages, list):
+                info.messages = [{"role": str(m.get("role", "")),
+                                  "content": str(m.get("content") or "")}
+                                 for m in messages if isinstance(m, dict)]
+            else:
+                log.warning("messages layer of %s is not a JSON list", name.short)
         info.template = (self.store.read_layer_text(manifest, "template")
                          or self.store.read_layer_text(manifest, "prompt"))
         info.license = [text for layer in manifest.get("layers", [])

@@ -41,6 +41,7 @@ class ModelInfo:
     system: str | None = None  # the manifest's system layer
     template: str | None = None  # the manifest's (Go) template layer, shown by /api/show
     license: list[str] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)  # the messages layer
     projector: Path | None = None  # a vision projector (mmproj) when the model has one
     layers: list[dict[str, Any]] = field(default_factory=list)  # manifest layers as stored
     pooling: str | None = None  # embedding-only models

@@ -367,6 +367,24 @@ def test_a_models_num_predict_caps_requests_that_set_none(client, fake_engines):
     assert last_request(fake_engines).max_tokens == 4
 
 
+def test_a_models_messages_come_before_the_request_turns(client, fake_engines):
+    """MESSAGE in a Modelfile (``messages`` in create): shown by /api/show and sent to the
+    model after the system prompt and before the request's own turns, as Ollama does."""
+    turns = [{"role": "user", "content": "Who are you?"},
+             {"role": "assistant", "content": "A pirate, arr."}]
+    client.post("/api/create", json={"model": "pirate", "from": "ns/other:v1",
+                                     "messages": turns, "stream": False})
+    show = client.post("/api/show", json={"model": "pirate"}).get_json()
+    assert show["messages"] == turns
+    assert 'MESSAGE assistant "A pirate, arr."' in show["modelfile"]
+    client.post("/api/chat", json={"model": "pirate", "stream": False, "messages": [
+        {"role": "user", "content": "hi"}]})
+    sent = [(m.role, m.content) for m in last_request(fake_engines).messages]
+    assert sent == [("system", "Be brief."), ("user", "Who are you?"),
+                    ("assistant", "A pirate, arr."), ("user", "hi")]
+    assert "messages" not in client.post("/api/show", json={"model": "tiny"}).get_json()
+
+
 def test_create_from_uploaded_gguf_and_from_model(client, tiny_gguf, tiny_store):
     data = tiny_gguf.read_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
