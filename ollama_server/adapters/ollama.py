@@ -689,8 +689,10 @@ def tag_entry(info: Any) -> dict[str, Any]:
 
 
 def tags_body(models: list[Any]) -> dict[str, Any]:
-    """The /api/tags body."""
-    return {"models": [tag_entry(m) for m in models]}
+    """The /api/tags body: most recently modified first, as Ollama lists them (``ollama ls``
+    shows a model just pulled or created at the top)."""
+    ordered = sorted(models, key=lambda m: (-m.modified_at, m.name))
+    return {"models": [tag_entry(m) for m in ordered]}
 
 
 def models_body(models: list[Any]) -> dict[str, Any]:

@@ -123,7 +123,14 @@ def create_app(config: Config, manager: ModelManager | None = None,
         else:
             err = ServiceError(exc.description or exc.name)
             err.status = code
-        return error_response(err)
+        # An unknown /v1 route asked by the anthropic SDK gets Anthropic's error shape.
+        anthropic = code == 404 and request.path.startswith("/v1/") and \
+            bool(request.headers.get("anthropic-version"))
+        resp = error_response(err, "anthropic" if anthropic else None)
+        valid = getattr(exc, "valid_methods", None)
+        if code == 405 and valid:
+            resp.headers["Allow"] = ", ".join(sorted(valid))  # RFC 9110 asks for it
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

@@ -374,6 +374,8 @@ def test_a_models_messages_come_before_the_request_turns(client, fake_engines):
              {"role": "assistant", "content": "A pirate, arr."}]
     client.post("/api/create", json={"model": "pirate", "from": "ns/other:v1",
                                      "messages": turns, "stream": False})
+    # Listed first: Ollama lists the most recently modified model at the top.
+    assert client.get("/api/tags").get_json()["models"][0]["name"] == "pirate:latest"
     show = client.post("/api/show", json={"model": "pirate"}).get_json()
     assert show["messages"] == turns
     assert 'MESSAGE assistant "A pirate, arr."' in show["modelfile"]

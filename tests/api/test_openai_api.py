@@ -82,6 +82,12 @@ def test_unmatched_url_and_method_are_openai_shaped(client):
     assert isinstance(resp.get_json()["error"], dict)
     resp = client.get("/v1/chat/completions")
     assert resp.status_code == 405 and isinstance(resp.get_json()["error"], dict)
+    assert "POST" in resp.headers["Allow"].split(", ")  # RFC 9110: a 405 names them
+    # The anthropic SDK's header makes an unknown /v1 route an Anthropic-shaped 404.
+    resp = client.post("/v1/foo", json={}, headers={"anthropic-version": "2023-06-01"})
+    assert resp.status_code == 404
+    assert resp.get_json()["type"] == "error"
+    assert resp.get_json()["error"]["type"] == "not_found_error"
 
 
 def test_huge_body_is_413(app, client):
