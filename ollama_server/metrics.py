@@ -15,10 +15,18 @@ vllm:prompt_tokens_total            prompt tokens of finished requests
 vllm:generation_tokens_total        generated tokens of finished requests
 vllm:time_to_first_token_seconds    arrival to first generated token
 vllm:e2e_request_latency_seconds    arrival to end
+vllm:request_queue_time_seconds     arrival to leaving the queue (a model load included)
+vllm:request_prompt_tokens          prompt tokens per finished request
+vllm:request_generation_tokens      generated tokens per finished request
+vllm:time_per_output_token_seconds  a finished request's mean time between tokens (one
+                                    observation per request; vLLM observes each interval)
 vllm:request_success_total          finished requests by ``finished_reason`` (stop, length, abort)
 tgi_request_count                   requests received (exposed untyped, see below)
 tgi_request_success                 requests that completed (exposed untyped, see below)
 tgi_request_duration                arrival to end, seconds
+tgi_request_queue_duration          arrival to leaving the queue, seconds
+tgi_request_inference_duration      leaving the queue to end, seconds
+tgi_request_mean_time_per_token_duration  mean time between generated tokens, seconds
 tgi_request_generated_tokens        generated tokens per request
 tgi_request_input_length            prompt tokens per request
 tgi_queue_size                      = vllm:num_requests_waiting
@@ -67,6 +75,8 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)  # vLLM's
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
                  100000)
 
@@ -123,6 +133,19 @@ class ServiceMetrics:
                                   ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
         self.vllm_success = Counter("vllm:request_success", "Count of finished requests.",
                                     ["model_name", "finished_reason"], registry=r)
+        self.vllm_queue = Histogram("vllm:request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.",
+                                    ["model_name"], buckets=LATENCY_BUCKETS, registry=r)
+        self.vllm_prompt_tokens = Histogram("vllm:request_prompt_tokens",
+                                            "Number of prefill tokens processed.",
+                                            ["model_name"], buckets=TOKEN_BUCKETS, registry=r)
+        self.vllm_generation_tokens = Histogram("vllm:request_generation_tokens",
+                                                "Number of generation tokens processed.",
+                                                ["model_name"], buckets=TOKEN_BUCKETS,
+                                                registry=r)
+        self.vllm_tpot = Histogram("vllm:time_per_output_token_seconds",
+                                   "Histogram of time per output token in seconds.",
+                                   ["model_name"], buckets=TPOT_BUCKETS, registry=r)
         # TGI's names (no labels: a TGI server serves one model).
         self.tgi_duration = Histogram("tgi_request_duration", "Request duration (seconds)",
                                       buckets=LATENCY_BUCKETS, registry=r)
@@ -131,6 +154,15 @@ class ServiceMetrics:
                                        registry=r)
         self.tgi_input = Histogram("tgi_request_input_length", "Input tokens per request",
                                    buckets=TOKEN_BUCKETS, registry=r)
+        self.tgi_queue = Histogram("tgi_request_queue_duration",
+                                   "Time spent in the queue per request (seconds)",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.tgi_inference = Histogram("tgi_request_inference_duration",
+                                       "Request inference duration (seconds)",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.tgi_tpot = Histogram("tgi_request_mean_time_per_token_duration",
+                                  "Mean time per token per request (seconds)",
+                                  buckets=TPOT_BUCKETS, registry=r)
         # Callers by the name of their API key (never the key).
         self.key_requests = Counter("ollama_server_key_requests",
                                     "Finished requests by API key name", ["key", "status"],
@@ -188,6 +220,17 @@ class ServiceMetrics:
         self.tgi_duration.observe(elapsed)
         self.tgi_generated.observe(status.tokens_generated)
         self.tgi_input.observe(status.prompt_tokens)
+        self._of(self.vllm_prompt_tokens, model).observe(status.prompt_tokens)
+        self._of(self.vllm_generation_tokens, model).observe(status.tokens_generated)
+        queue = status.queue_s
+        if queue is not None:
+            self._of(self.vllm_queue, model).observe(queue)
+            self.tgi_queue.observe(queue)
+            self.tgi_inference.observe(max(0.0, elapsed - queue))
+        tpot = status.time_per_output_token_s
+        if tpot is not None:
+            self._of(self.vllm_tpot, model).observe(tpot)
+            self.tgi_tpot.observe(tpot)
         if status.state == RequestState.COMPLETED:
             with self._lock:
                 self._tgi_success += 1

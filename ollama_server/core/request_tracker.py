@@ -72,6 +72,8 @@ class RequestTracker:
             status = self._active.get(request_id)
             if status is not None and not status.done:
                 status.state = state
+                if state == RequestState.PROCESSING and status.processing_at is None:
+                    status.processing_at = time.monotonic()
 
     def set_prompt_tokens(self, request_id: str, n: int) -> None:
         """Record the prompt size once the engine reports it."""

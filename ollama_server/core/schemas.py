@@ -248,6 +248,7 @@ class RequestStatus:
     created: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    processing_at: float | None = None  # left the queue (and any model load)
     finished_at: float | None = None
     prompt_tokens: int = 0
     tokens_generated: int = 0
@@ -271,6 +272,19 @@ class RequestStatus:
         end = self.finished_at or time.monotonic()
         elapsed = end - self.first_token_at
         return (self.tokens_generated - 1) / elapsed if elapsed > 0 else None
+
+    @property
+    def queue_s(self) -> float | None:
+        """Seconds from arrival to leaving the queue (model load included), once known."""
+        return None if self.processing_at is None else self.processing_at - self.started
+
+    @property
+    def time_per_output_token_s(self) -> float | None:
+        """Mean seconds between generated tokens, for a finished request with two or more."""
+        if self.first_token_at is None or self.finished_at is None \
+                or self.tokens_generated < 2:
+            return None
+        return (self.finished_at - self.first_token_at) / (self.tokens_generated - 1)
 
     @property
     def elapsed_s(self) -> float:

@@ -63,6 +63,14 @@ def test_metrics_count_requests_tokens_and_latency(client):
     assert val(m, "tgi_request_duration_count") == 2
     assert val(m, "tgi_request_generated_tokens_sum") == 4
     assert val(m, "tgi_request_input_length_sum") == 10
+    # Per request: the queue, the prompt and generated sizes, the time per output token.
+    assert val(m, "vllm:request_queue_time_seconds_count", model_name=MODEL) == 2
+    assert val(m, "vllm:request_prompt_tokens_sum", model_name=MODEL) == 10
+    assert val(m, "vllm:request_generation_tokens_sum", model_name=MODEL) == 4
+    assert val(m, "vllm:time_per_output_token_seconds_count", model_name=MODEL) == 2
+    assert val(m, "tgi_request_queue_duration_count") == 2
+    assert val(m, "tgi_request_inference_duration_count") == 2
+    assert val(m, "tgi_request_mean_time_per_token_duration_count") == 2
     assert val(m, "ollama_server_models_loaded") == 1
     assert val(m, "ollama_server_model_loaded", model=MODEL, state="ready",
                context_length="4096") == 1
@@ -85,6 +93,11 @@ def test_metrics_families_have_the_peer_types(client):
     assert types["tgi_request_duration"] == "histogram"
     assert types["tgi_request_generated_tokens"] == "histogram"
     assert types["tgi_request_input_length"] == "histogram"
+    for name in ("vllm:request_queue_time_seconds", "vllm:request_prompt_tokens",
+                 "vllm:request_generation_tokens", "vllm:time_per_output_token_seconds",
+                 "tgi_request_queue_duration", "tgi_request_inference_duration",
+                 "tgi_request_mean_time_per_token_duration"):
+        assert types[name] == "histogram", name
     assert types["tgi_queue_size"] == "gauge" and types["tgi_batch_current_size"] == "gauge"
     # Exact TGI names (no _total): exposed untyped, see metrics.py.
     assert "tgi_request_count 1.0" in text.splitlines()
