@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, has_request_context, request
 
 from ..core.errors import InvalidRequest, ServiceError
 from ..core.executor import dumps_compact
@@ -69,6 +69,8 @@ def error_response(exc: ServiceError, dialect: str | None = None) -> Response:
         body, status = {"error": exc.message}, exc.status
     else:
         body, status = formatter(exc)
+    if dialect == "anthropic" and has_request_context() and g.get("request_id"):
+        body["request_id"] = g.request_id  # Anthropic's error bodies carry it
     resp = Response(json.dumps(body), status=status, mimetype="application/json")
     if status >= 500:
         resp.headers["x-should-retry"] = "false" if status == 500 else "true"

@@ -165,6 +165,7 @@ def test_errors_before_first_byte(client, script):
         body = resp.get_json()
         assert body["type"] == "error" and body["error"]["type"] == kind
         assert body["error"]["message"]
+        assert body["request_id"] == resp.headers["request-id"]  # as Anthropic's bodies
         return body
 
     err(client.post("/v1/messages", json={**MSG, "model": "zzz"}), 404, "not_found_error")

@@ -229,7 +229,8 @@ def test_errors(claude, base_url):
                                   "anthropic-version": "2023-06-01"}, timeout=30)
     assert resp.status_code == 400
     assert resp.json() == {"type": "error", "error": {"type": "invalid_request_error",
-                                                      "message": resp.json()["error"]["message"]}}
+                                                      "message": resp.json()["error"]["message"]},
+                           "request_id": resp.headers["request-id"]}
     resp = requests.get(base_url + "/v1/messages", timeout=30)
     assert resp.status_code == 405 and resp.json()["error"]["type"] == "invalid_request_error"
 
