@@ -9,7 +9,6 @@ Requests: ``openai_chat_to_internal``, ``openai_completion_to_internal``,
 from __future__ import annotations
 
 import base64
-import json
 import math
 import struct
 import time
@@ -43,7 +42,8 @@ from ..core.schemas import (
 )
 from .fields import get_bool, get_number, get_stop, require_model  # noqa: F401 (re-exported)
 from .openai_fields import common_sampling, parse_messages
-from .vllm import apply_vllm_extras, regex_to_gbnf
+from .tgi import TGIValidation, apply_grammar
+from .vllm import apply_vllm_extras
 
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
                   "tool_calls": "tool_calls"}
@@ -97,7 +97,7 @@ def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
     if kind == "text":
         return
     if kind in ("json_object", "json", "regex") and "value" in fmt:
-        _grammar_format(kind, fmt["value"], req)
+        _grammar_format(fmt, req)
     elif kind == "json_object":
         req.json_schema = {}
     elif kind == "json_schema":
@@ -111,25 +111,15 @@ def _response_format(body: dict[str, Any], req: InternalRequest) -> None:
                              f"json_schema; got {kind!r}", param="response_format")
 
 
-def _grammar_format(kind: str, value: Any, req: InternalRequest) -> None:
+def _grammar_format(fmt: dict[str, Any], req: InternalRequest) -> None:
     """TGI's grammar form of ``response_format`` (``{type, value}``), which its chat route
     takes and huggingface_hub's ``chat_completion`` sends: it turns OpenAI's ``json_schema``
-    into ``{"type": "json_object", "value": <schema>}``."""
-    if kind == "regex":
-        if not isinstance(value, str) or not value:
-            raise InvalidRequest("'response_format.value' must be a regular expression",
-                                 param="response_format")
-        req.grammar = regex_to_gbnf(value)
-        return
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = None
-    if not isinstance(value, dict):
-        raise InvalidRequest("'response_format.value' must be a JSON schema (an object)",
-                             param="response_format")
-    req.json_schema = value
+    into ``{"type": "json_object", "value": <schema>}``. Read as TGI reads its grammar."""
+    try:
+        apply_grammar(fmt, req)
+    except TGIValidation as exc:
+        raise InvalidRequest(f"'response_format': {exc.message}",
+                             param="response_format") from None
 
 
 def include_usage(body: dict[str, Any]) -> bool:

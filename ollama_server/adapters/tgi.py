@@ -77,8 +77,9 @@ def _param(params: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     return value
 
 
-def _grammar(grammar: Any, req: InternalRequest) -> None:
-    """TGI's ``grammar`` parameter → ``req.json_schema`` / ``req.grammar``."""
+def apply_grammar(grammar: Any, req: InternalRequest) -> None:
+    """TGI's ``grammar`` parameter (also the form of ``response_format`` its chat route
+    takes) → ``req.json_schema`` / ``req.grammar``; TGIValidation in TGI's words."""
     if not isinstance(grammar, dict) or "type" not in grammar:
         raise TGIValidation("Failed to deserialize the JSON body into the target type: "
                             "parameters.grammar: missing field `type`")
@@ -220,7 +221,7 @@ def tgi_generate_to_internal(body: dict[str, Any], model: str,
     req.top_logprobs = max(1, top_n_tokens or 0)
     req.max_tokens = max_new_tokens
     if params.get("grammar") is not None:
-        _grammar(params["grammar"], req)
+        apply_grammar(params["grammar"], req)
     return TGIRequest(req=req, inputs=inputs, max_new_tokens=max_new_tokens, details=details,
                       decoder_input_details=decoder_input_details,
                       return_full_text=return_full_text, truncate=truncate,
