@@ -171,26 +171,15 @@ class ModelManager:
         info.layers = manifest.get("layers", [])
         info.size = sum(int(layer.get("size", 0)) for layer in info.layers) + int(
             (manifest.get("config") or {}).get("size", 0))
-        params_text = self.store.read_layer_text(manifest, "params")
-        if params_text:
-            try:
-                params = json.loads(params_text)
-                info.params = params if isinstance(params, dict) else {}
-            except ValueError:
-                log.warning("params layer of %s is not JSON", name.short)
+        params = self._layer_json(manifest, "params", name)
+        if isinstance(params, dict):
+            info.params = params
         info.system = self.store.read_layer_text(manifest, "system")
-        messages_text = self.store.read_layer_text(manifest, "messages")
-        if messages_text:
-            try:
-                messages = json.loads(messages_text)
-            except ValueError:
-                messages = None
-            if isinstance(messages, list):
-                info.messages = [{"role": str(m.get("role", "")),
-                                  "content": str(m.get("content") or "")}
-                                 for m in messages if isinstance(m, dict)]
-            else:
-                log.warning("messages layer of %s is not a JSON list", name.short)
+        messages = self._layer_json(manifest, "messages", name)
+        if isinstance(messages, list):
+            info.messages = [{"role": str(m.get("role", "")),
+                              "content": str(m.get("content") or "")}
+                             for m in messages if isinstance(m, dict)]
         info.template = (self.store.read_layer_text(manifest, "template")
                          or self.store.read_layer_text(manifest, "prompt"))
         info.license = [text for layer in manifest.get("layers", [])
@@ -202,6 +191,18 @@ class ModelManager:
             info.projector = proj_path if proj_path.is_file() else None
         self._info_cache[(str(path), mtime)] = info
         return info
+
+    def _layer_json(self, manifest: dict[str, Any], kind: str, name: ModelName) -> Any:
+        """The JSON of a manifest's ``kind`` layer; None when it has none, or it is not JSON
+        (logged)."""
+        text = self.store.read_layer_text(manifest, kind)
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            log.warning("%s layer of %s is not JSON", kind, name.short)
+            return None
 
     def _blob_text(self, layer: dict[str, Any]) -> str | None:
         try:
