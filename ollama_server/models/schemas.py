@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# What a chat template that can reason refers to: the tags, the switch of Qwen3-like
-# templates, the reasoning fields of earlier turns, gpt-oss's effort levels.
-_THINKING_MARKS = ("<think>", "enable_thinking", "reasoning_content", "reasoning_effort",
-                   "thinking")
+# What a chat template that can reason refers to: the tags, the reasoning fields of earlier
+# turns, gpt-oss's effort levels, and "thinking" (Qwen3's enable_thinking switch among them).
+_THINKING_MARKS = ("<think>", "reasoning_content", "reasoning_effort", "thinking")
 
 
 @dataclass
