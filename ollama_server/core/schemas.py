@@ -281,10 +281,8 @@ class RequestStatus:
     @property
     def time_per_output_token_s(self) -> float | None:
         """Mean seconds between generated tokens, for a finished request with two or more."""
-        if self.first_token_at is None or self.finished_at is None \
-                or self.tokens_generated < 2:
-            return None
-        return (self.finished_at - self.first_token_at) / (self.tokens_generated - 1)
+        speed = self.tokens_per_second if self.finished_at is not None else None
+        return 1.0 / speed if speed else None
 
     @property
     def elapsed_s(self) -> float:
