@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ollama_server.config import Config, load_config  # noqa: E402
-from ollama_server.core.executor import EngineSettings, LLAMAExecutor  # noqa: E402
+from ollama_server.core.engine import EngineSettings, LLAMAExecutor  # noqa: E402
 from ollama_server.models.manager import ModelManager  # noqa: E402
 from ollama_server.models.schemas import ModelInfo  # noqa: E402
 

@@ -38,7 +38,7 @@ from bench_overhead import (  # noqa: E402
     wait_http,
 )
 
-from ollama_server.core.executor import LLAMAExecutor  # noqa: E402
+from ollama_server.core.engine import LLAMAExecutor  # noqa: E402
 from ollama_server.provision.engine import rpc_worker_binary  # noqa: E402
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_overhead import PROMPT, free_port, one_stream, service_engine, wait_http  # noqa: E402
 
-from ollama_server.core.executor import LLAMAExecutor  # noqa: E402
+from ollama_server.core.engine import LLAMAExecutor  # noqa: E402
 
 
 def main() -> int:

@@ -17,8 +17,8 @@ from typing import Any
 
 import requests
 
+from ollama_server.core.engine import EngineSettings, EngineState
 from ollama_server.core.errors import ServiceError
-from ollama_server.core.executor import EngineSettings, EngineState
 from ollama_server.core.schemas import Event, Finish, InternalRequest, TextDelta, Usage
 from ollama_server.models.store import MEDIA_PREFIX, ModelName, OllamaStore
 

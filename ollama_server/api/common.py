@@ -17,7 +17,7 @@ from typing import Any
 from flask import Response, current_app, g, has_request_context, request
 
 from ..core.errors import InvalidRequest, ServiceError
-from ..core.executor import dumps_compact
+from ..core.jsonio import dumps_compact
 from ..core.relay import RELAY, relayable
 from .validation import parse_json_body
 

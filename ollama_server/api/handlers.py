@@ -22,6 +22,7 @@ from typing import Any
 from flask import current_app, g, has_request_context
 
 from ..config import Config
+from ..core.engine import EngineStream, LLAMAExecutor
 from ..core.errors import (
     Cancelled,
     ContextLengthExceeded,
@@ -30,7 +31,6 @@ from ..core.errors import (
     ServiceError,
     Unsupported,
 )
-from ..core.executor import EngineStream, LLAMAExecutor
 from ..core.min_tokens import open_stream
 from ..core.relay import output_started, pin_to_thread
 from ..core.request_tracker import RequestTracker

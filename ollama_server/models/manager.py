@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..core.engine import EngineSettings, LLAMAExecutor
 from ..core.errors import (
     EngineFailed,
     EngineUnavailable,
@@ -26,7 +27,6 @@ from ..core.errors import (
     ModelNotFound,
     Overloaded,
 )
-from ..core.executor import EngineSettings, LLAMAExecutor
 from .admission import SlotQueue
 from .gguf_meta import quantization_name, read_header
 from .schemas import ModelInfo

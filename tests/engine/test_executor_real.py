@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from ollama_server.core.engine import EngineSettings, EngineState, LLAMAExecutor
 from ollama_server.core.errors import ContextLengthExceeded, EngineFailed, InvalidRequest
-from ollama_server.core.executor import EngineSettings, EngineState, LLAMAExecutor
 from ollama_server.core.schemas import Finish, InternalRequest, Message, TextDelta
 from ollama_server.models.store import ModelName, OllamaStore
 

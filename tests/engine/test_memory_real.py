@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from ollama_server.core.engine import EngineSettings, EngineState, LLAMAExecutor
 from ollama_server.core.errors import InsufficientMemory
-from ollama_server.core.executor import EngineSettings, EngineState, LLAMAExecutor
 from ollama_server.models.store import ModelName, OllamaStore
 
 pytestmark = pytest.mark.engine

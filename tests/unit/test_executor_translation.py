@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from ollama_server.core.engine import EngineSettings, LLAMAExecutor
+from ollama_server.core.engine.parse import ChatChunkParser, CompletionChunkParser, engine_error
+from ollama_server.core.engine.payload import build_chat_payload, build_completion_payload
 from ollama_server.core.errors import (
     ContextLengthExceeded,
     EngineFailed,
     InvalidRequest,
     Overloaded,
     Unsupported,
-)
-from ollama_server.core.executor import (
-    ChatChunkParser,
-    CompletionChunkParser,
-    EngineSettings,
-    LLAMAExecutor,
-    build_chat_payload,
-    build_completion_payload,
-    engine_error,
 )
 from ollama_server.core.schemas import (
     Finish,
@@ -177,7 +172,7 @@ def test_engine_log_is_kept_in_blocks_with_its_error_lines(tmp_path):
     import sys
     import threading
 
-    from ollama_server.core.executor import EngineState, LLAMAExecutor
+    from ollama_server.core.engine import EngineState, LLAMAExecutor
 
     ex = LLAMAExecutor(tmp_path / "m.gguf", EngineSettings(binary=tmp_path / "llama-server"), 512)
     info = "".join(f"0.01.869.{i:03d} I slot process_sing: id {i} | saving idle slot\n"
@@ -229,3 +224,41 @@ def test_a_context_that_filled_up_is_a_length_stop_marked_context_full():
     assert full.reason == "length" and full.context_full
     limit = finish({"stop_type": "limit", "truncated": False})
     assert limit.reason == "length" and not limit.context_full
+
+
+def test_an_engine_out_of_memory_is_named_so_even_when_its_log_is_read_late(tmp_path,
+                                                                           monkeypatch):
+    """A loading engine that runs out of memory prints hundreds of lines and then the
+    allocation that failed, and exits at once. On a loaded machine its log reader runs
+    behind the exit: the exit must still be judged on every line it wrote (Ollama's "model
+    requires more system memory"), not reported as a plain crash."""
+    import stat
+
+    from ollama_server.core.engine import EngineState, LLAMAExecutor
+    from ollama_server.core.errors import InsufficientMemory
+
+    binary = tmp_path / "llama-server"
+    binary.write_text(
+        "#!/bin/sh\n"
+        "i=0; while [ $i -lt 400 ]; do echo \"load_tensors: layer $i assigned to CPU\" >&2; "
+        "i=$((i+1)); done\n"
+        "echo 'ggml_aligned_malloc: insufficient memory (attempted to allocate 358400.00 MB)'"
+        " >&2\n"
+        "echo 'llama_init_from_model: failed to initialize the context: failed to allocate "
+        "buffer for kv cache' >&2\n"
+        "exit 1\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IEXEC)
+    take = LLAMAExecutor._take_lines
+
+    def starved(self, block, each):  # a reader the scheduler gets to late, block by block
+        time.sleep(1.0)
+        take(self, block, each)
+
+    monkeypatch.setattr(LLAMAExecutor, "_take_lines", starved)
+    engine = LLAMAExecutor(tmp_path / "m.gguf", EngineSettings(binary=binary, parallel=1),
+                           16_000_000, name="big")
+    with pytest.raises(InsufficientMemory) as err:
+        engine.ensure_ready()
+    assert engine.state == EngineState.FAILED
+    assert err.value.message.startswith("model requires more system memory (350.0 GiB more "
+                                        "for big with a context of 16000000)")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ollama_server.core.executor import SSEPayloads
+from ollama_server.core.engine.transport import SSEPayloads
 from ollama_server.core.relay import RELAY, output_started, pin_to_thread, pinned, relayable
 
 

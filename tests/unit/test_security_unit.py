@@ -25,8 +25,8 @@ from ollama_server.api.validation import (
     parse_json_body,
 )
 from ollama_server.config import ConfigError, load_config
+from ollama_server.core.engine import EngineSettings
 from ollama_server.core.errors import Cancelled, InvalidRequest, QueueFull, RateLimited
-from ollama_server.core.executor import EngineSettings
 from ollama_server.core.request_tracker import RequestTracker
 from ollama_server.core.schemas import InternalRequest
 from ollama_server.models.admission import SlotQueue

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from ollama_server.config import ConfigError, load_config
+from ollama_server.core.engine import EngineSettings, LLAMAExecutor
 from ollama_server.core.engine_report import LoadReport
 from ollama_server.core.errors import QueueFull
-from ollama_server.core.executor import EngineSettings, LLAMAExecutor
 from ollama_server.core.workers import (
     EndpointError,
     check_endpoint,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ollama_server.core.executor import SSEPayloads
+from ollama_server.core.engine.transport import SSEPayloads
 
 
 class Pieces:
