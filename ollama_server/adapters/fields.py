@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from ..core.errors import InvalidRequest
+from ..core.schemas import Tool
 
 
 def get_number(body: dict[str, Any], key: str, lo: float | None = None, hi: float | None = None,
@@ -68,3 +69,22 @@ def get_str(body: dict[str, Any], key: str) -> str | None:
     if not isinstance(value, str):
         raise InvalidRequest(f"'{key}' must be a string, got {json.dumps(value)}", param=key)
     return value
+
+
+def parse_function_tools(raw: Any) -> list[Tool]:
+    """An OpenAI-shaped ``tools`` list (``[{type: "function", function: {name, description,
+    parameters}}]``, which Ollama takes too) → internal tools; [] when absent."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidRequest("'tools' must be a list", param="tools")
+    tools = []
+    for t in raw:
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest("each tool must be {type: \"function\", function: {name, "
+                                 "description, parameters}}", param="tools")
+        tools.append(Tool(name=fn["name"], description=fn.get("description") or "",
+                          parameters=fn.get("parameters") or {"type": "object",
+                                                              "properties": {}}))
+    return tools

@@ -40,10 +40,9 @@ from ..core.schemas import (
     ReasoningDelta,
     TextDelta,
     TokenInfo,
-    Tool,
     ToolCall,
 )
-from .fields import get_bool, get_str
+from .fields import get_bool, get_str, parse_function_tools
 
 OLLAMA_VERSION = "0.12.6"  # the Ollama release whose API this dialect follows
 FOREVER_S = -1.0  # keep_alive: never unload while idle
@@ -428,29 +427,12 @@ def _parse_messages(raw: Any) -> list[Message]:
     return out
 
 
-def _parse_tools(raw: Any) -> list[Tool]:
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise InvalidRequest("'tools' must be a list", param="tools")
-    tools = []
-    for t in raw:
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise InvalidRequest("each tool must be {type: \"function\", function: {name, "
-                                 "description, parameters}}", param="tools")
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        tools.append(Tool(name=fn["name"], description=fn.get("description") or "",
-                          parameters=params))
-    return tools
-
-
 def ollama_chat_to_internal(body: dict[str, Any]) -> InternalRequest:
     """A /api/chat body → InternalRequest (an empty ``messages`` list is a load request)."""
     req = InternalRequest(model=require_model(body, "model"), dialect="ollama",
                           messages=_parse_messages(body.get("messages") or []))
     _common(body, req)
-    req.tools = _parse_tools(body.get("tools"))
+    req.tools = parse_function_tools(body.get("tools"))
     return req
 
 

@@ -16,17 +16,9 @@ import uuid
 from typing import Any
 
 from ..core.errors import (
-    AuthenticationError,
-    ContextLengthExceeded,
     InvalidRequest,
-    ModelNotFound,
-    NotFound,
-    Overloaded,
-    PayloadTooLarge,
-    RateLimited,
-    RequestTimeout,
-    ServiceError,
 )
+from ..core.grammar import GrammarError, apply_tgi_grammar
 from ..core.schemas import (
     Event,
     Finish,
@@ -40,10 +32,19 @@ from ..core.schemas import (
     ToolCallDelta,
     Usage,
 )
-from .fields import get_bool, get_number, get_stop, require_model  # noqa: F401 (re-exported)
-from .openai_fields import common_sampling, parse_messages
-from .tgi import TGIValidation, apply_grammar
-from .vllm import apply_vllm_extras
+from .fields import (  # noqa: F401 (re-exported)
+    get_bool,
+    get_number,
+    get_stop,
+    parse_function_tools,
+    require_model,
+)
+from .openai_fields import (  # noqa: F401 (openai_error re-exported for the blueprints)
+    apply_vllm_extras,
+    common_sampling,
+    openai_error,
+    parse_messages,
+)
 
 FINISH_REASONS = {"stop": "stop", "stop_sequence": "stop", "length": "length",
                   "tool_calls": "tool_calls"}
@@ -54,20 +55,7 @@ def _parse_tools(body: dict[str, Any]) -> list[Tool]:
     raw = body.get("tools")
     if raw is None and body.get("functions"):
         raw = [{"type": "function", "function": f} for f in body["functions"]]
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise InvalidRequest("'tools' must be a list", param="tools")
-    tools = []
-    for t in raw:
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise InvalidRequest("each tool must be {type: 'function', function: {name, …}}",
-                                 param="tools")
-        tools.append(Tool(name=fn["name"], description=fn.get("description") or "",
-                          parameters=fn.get("parameters") or {"type": "object",
-                                                              "properties": {}}))
-    return tools
+    return parse_function_tools(raw)
 
 
 def _parse_tool_choice(body: dict[str, Any]) -> str | dict[str, Any] | None:
@@ -116,8 +104,8 @@ def _grammar_format(fmt: dict[str, Any], req: InternalRequest) -> None:
     takes and huggingface_hub's ``chat_completion`` sends: it turns OpenAI's ``json_schema``
     into ``{"type": "json_object", "value": <schema>}``. Read as TGI reads its grammar."""
     try:
-        apply_grammar(fmt, req)
-    except TGIValidation as exc:
+        apply_tgi_grammar(fmt, req)
+    except GrammarError as exc:
         raise InvalidRequest(f"'response_format': {exc.message}",
                              param="response_format") from None
 
@@ -564,31 +552,3 @@ def model_card(info: Any) -> dict[str, Any]:
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-def openai_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
-    """``{"error": {message, type, param, code}}`` and the status for ``exc``."""
-    code: Any = getattr(exc, "code", None)  # set where OpenAI names the check (n's bounds)
-    kind = "invalid_request_error"
-    message = exc.message
-    if isinstance(exc, ModelNotFound):
-        code = "model_not_found"
-        message = f"The model `{exc.name}` does not exist or you do not have access to it."
-    elif isinstance(exc, ContextLengthExceeded):
-        code = "context_length_exceeded"
-    elif isinstance(exc, AuthenticationError):
-        code = "invalid_api_key"
-    elif isinstance(exc, NotFound):
-        code = "not_found"
-    elif isinstance(exc, PayloadTooLarge):
-        code = "request_too_large"
-    elif isinstance(exc, Overloaded):
-        kind = "server_overloaded"  # 429, as vLLM's and OpenAI's SDKs retry it
-    elif isinstance(exc, RateLimited):
-        kind, code = "requests", "rate_limit_exceeded"
-    elif isinstance(exc, RequestTimeout):
-        kind, code = "server_error", "timeout"
-    elif not isinstance(exc, InvalidRequest):
-        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-    status = 429 if isinstance(exc, Overloaded) else exc.status
-    return ({"error": {"message": message, "type": kind, "param": exc.param, "code": code}},
-            status)

@@ -1,16 +1,41 @@
-"""OpenAI request pieces that the OpenAI and vLLM adapters share (pure): chat messages and
-the sampling fields common to chat, completions and vLLM's legacy ``/generate``."""
+"""OpenAI request pieces that the OpenAI, Responses and vLLM adapters share (pure): chat
+messages, the sampling fields common to chat, completions and vLLM's legacy ``/generate``,
+vLLM's extra fields (its server takes them on the OpenAI routes, and so does this one; guided
+decoding becomes a grammar through ``core.grammar``) and the OpenAI error body."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
-from ..core.errors import InvalidRequest
+from ..core.errors import (
+    AuthenticationError,
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
+    ServiceError,
+    Unsupported,
+)
+from ..core.grammar import choice_to_gbnf, regex_to_gbnf
+from ..core.min_tokens import check_min_tokens
 from ..core.schemas import InternalRequest, Message, ToolCall
 from .fields import get_bool, get_number, get_stop
 
+log = logging.getLogger(__name__)
+
 MAX_N = 128  # OpenAI's bound on ``n``
+
+# Fields vLLM accepts that change nothing here (defaults, or backend choices of vLLM itself).
+_IGNORED = ("guided_decoding_backend", "guided_whitespace_pattern", "priority",
+            "return_token_ids", "add_special_tokens", "spaces_between_special_tokens",
+            "documents", "mm_processor_kwargs", "cache_salt", "kv_transfer_params",
+            "vllm_xargs", "disable_any_whitespace", "whitespace_pattern")
 
 
 def content_text(content: Any, images: list[str], where: str) -> str:
@@ -132,3 +157,153 @@ def common_sampling(body: dict[str, Any], req: InternalRequest) -> None:
     req.ignore_eos = get_bool(body, "ignore_eos")
     if isinstance(body.get("keep_alive"), (int, float)):
         req.keep_alive = float(body["keep_alive"])
+
+
+# --- vLLM's extra request fields (taken on the OpenAI routes, as vLLM's server takes them) ---
+
+def _schema(value: Any, key: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidRequest(f"'{key}' is not valid JSON: {exc}", param=key) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{key}' must be a JSON schema (object or JSON text)", param=key)
+    return value
+
+
+def _guided(body: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The guided-decoding requests of a body as (kind, field name, value)."""
+    found: list[tuple[str, str, Any]] = []
+    for kind in ("json", "regex", "choice", "grammar"):
+        if body.get(f"guided_{kind}") is not None:
+            found.append((kind, f"guided_{kind}", body[f"guided_{kind}"]))
+    if body.get("guided_json_object"):
+        found.append(("json_object", "guided_json_object", True))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise InvalidRequest("'structured_outputs' must be an object",
+                                 param="structured_outputs")
+        for kind in ("json", "regex", "choice", "grammar", "json_object", "structural_tag"):
+            value = so.get(kind)
+            if value is not None and value is not False:
+                found.append((kind, f"structured_outputs.{kind}", value))
+    return found
+
+
+def apply_guided(body: dict[str, Any], req: InternalRequest) -> None:
+    """guided_* / structured_outputs → ``req.json_schema`` or ``req.grammar`` (GBNF)."""
+    found = _guided(body)
+    if not found:
+        return
+    if len(found) > 1:
+        raise InvalidRequest("You can only use one kind of guided decoding ('json', 'regex', "
+                             "'choice', 'grammar', 'json_object'); got "
+                             + ", ".join(f for _, f, _ in found), param=found[1][1])
+    kind, key, value = found[0]
+    if kind == "json":
+        req.json_schema = _schema(value, key)
+        req.grammar = None
+    elif kind == "json_object":
+        req.json_schema = {}
+        req.grammar = None
+    elif kind == "choice":
+        req.grammar = choice_to_gbnf(value)
+    elif kind == "regex":
+        try:
+            req.grammar = regex_to_gbnf(value)
+        except InvalidRequest as exc:
+            exc.param = key
+            raise
+    elif kind == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            raise InvalidRequest(f"'{key}' must be a non-empty grammar (GBNF)", param=key)
+        req.grammar = value
+    else:
+        raise Unsupported(f"'{key}' is not supported: llama.cpp has no structural tags",
+                          param=key)
+
+
+def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
+    """Read vLLM's extra fields of a chat or completions body onto ``req``.
+
+    The sampling fields shared with other dialects (``top_k``, ``min_p``,
+    ``repetition_penalty``, ``ignore_eos``) are parsed by the OpenAI adapter already.
+    """
+    min_tokens = _int(body, "min_tokens", 0)
+    if min_tokens:
+        if req.max_tokens is not None and min_tokens > req.max_tokens:
+            raise InvalidRequest(f"min_tokens must be less than or equal to max_tokens="
+                                 f"{req.max_tokens}, got {min_tokens}.", param="min_tokens")
+        req.min_tokens = min_tokens
+    ids = body.get("stop_token_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise InvalidRequest("'stop_token_ids' must be a list of token ids",
+                                 param="stop_token_ids")
+        req.stop_token_ids = list(ids)
+    req.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", False)
+    if not get_bool(body, "skip_special_tokens", True):
+        raise Unsupported("'skip_special_tokens': false is not supported: llama-server never "
+                          "renders special tokens in generated text", param="skip_special_tokens")
+    if body.get("prompt_logprobs") not in (None, 0):
+        raise Unsupported("'prompt_logprobs' is not supported: llama-server does not score "
+                          "prompt tokens", param="prompt_logprobs")
+    if get_bool(body, "use_beam_search", False):
+        raise Unsupported("'use_beam_search' is not supported by this engine",
+                          param="use_beam_search")
+    if body.get("echo") is True and req.is_chat:
+        raise Unsupported("'echo' is not supported on chat completions", param="echo")
+    for key in ("add_generation_prompt", "continue_final_message"):
+        if body.get(key) is not None:
+            setattr(req, key, get_bool(body, key, getattr(req, key)))
+    if body.get("include_reasoning") is False:
+        req.reasoning = False
+    apply_guided(body, req)
+    check_min_tokens(req)
+    unknown = [k for k in _IGNORED if k in body]
+    if unknown:
+        log.debug("vLLM fields accepted and ignored: %s", ", ".join(unknown))
+
+
+def _int(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidRequest(f"'{key}' must be a non-negative integer, got "
+                             f"{json.dumps(value)}", param=key)
+    return value
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def openai_error(exc: ServiceError) -> tuple[dict[str, Any], int]:
+    """``{"error": {message, type, param, code}}`` and the status for ``exc``."""
+    code: Any = getattr(exc, "code", None)  # set where OpenAI names the check (n's bounds)
+    kind = "invalid_request_error"
+    message = exc.message
+    if isinstance(exc, ModelNotFound):
+        code = "model_not_found"
+        message = f"The model `{exc.name}` does not exist or you do not have access to it."
+    elif isinstance(exc, ContextLengthExceeded):
+        code = "context_length_exceeded"
+    elif isinstance(exc, AuthenticationError):
+        code = "invalid_api_key"
+    elif isinstance(exc, NotFound):
+        code = "not_found"
+    elif isinstance(exc, PayloadTooLarge):
+        code = "request_too_large"
+    elif isinstance(exc, Overloaded):
+        kind = "server_overloaded"  # 429, as vLLM's and OpenAI's SDKs retry it
+    elif isinstance(exc, RateLimited):
+        kind, code = "requests", "rate_limit_exceeded"
+    elif isinstance(exc, RequestTimeout):
+        kind, code = "server_error", "timeout"
+    elif not isinstance(exc, InvalidRequest):
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    status = 429 if isinstance(exc, Overloaded) else exc.status
+    return ({"error": {"message": message, "type": kind, "param": exc.param, "code": code}},
+            status)

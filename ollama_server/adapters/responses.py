@@ -29,7 +29,7 @@ from ..core.schemas import (
     Usage,
 )
 from .fields import get_bool, get_number, get_str, require_model
-from .openai import openai_error
+from .openai_fields import openai_error
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from ..core.errors import (
     RequestTimeout,
     ServiceError,
 )
+from ..core.grammar import GrammarError, apply_tgi_grammar
 from ..core.schemas import Event, Finish, InternalRequest, ReasoningDelta, TextDelta, TokenInfo
-from .vllm import regex_to_gbnf
 
 TGI_VERSION = "3.3.6"  # the TGI release whose router this dialect follows
 MAX_BEST_OF = 1  # best_of > 1 (several sampled answers, best kept) is not implemented
@@ -78,38 +78,11 @@ def _param(params: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
 
 
 def apply_grammar(grammar: Any, req: InternalRequest) -> None:
-    """TGI's ``grammar`` parameter (also the form of ``response_format`` its chat route
-    takes) → ``req.json_schema`` / ``req.grammar``; TGIValidation in TGI's words."""
-    if not isinstance(grammar, dict) or "type" not in grammar:
-        raise TGIValidation("Failed to deserialize the JSON body into the target type: "
-                            "parameters.grammar: missing field `type`")
-    kind, value = grammar.get("type"), grammar.get("value")
-    if kind in ("json", "json_object"):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise TGIValidation(f"grammar is not valid: {exc}") from None
-        if not isinstance(value, dict):
-            raise TGIValidation("grammar is not supported")
-        req.json_schema = value
-    elif kind == "json_schema":
-        schema = value.get("schema") if isinstance(value, dict) else None
-        if not isinstance(schema, dict):
-            raise TGIValidation("grammar is not valid: a json_schema grammar needs "
-                                "`value.schema`")
-        req.json_schema = schema
-    elif kind == "regex":
-        if not isinstance(value, str) or not value:
-            raise TGIValidation("grammar is not valid: `value` cannot be empty for `regex`")
-        try:
-            req.grammar = regex_to_gbnf(value)
-        except InvalidRequest as exc:
-            raise TGIValidation(f"grammar is not valid: {exc.message}") from None
-    else:
-        raise TGIValidation(f"Failed to deserialize the JSON body into the target type: "
-                            f"parameters.grammar: unknown variant `{kind}`, expected one of "
-                            f"`json`, `json_object`, `json_schema`, `regex`")
+    """TGI's ``grammar`` parameter → ``req``; TGIValidation in TGI's words."""
+    try:
+        apply_tgi_grammar(grammar, req)
+    except GrammarError as exc:
+        raise TGIValidation(exc.message) from None
 
 
 def tgi_generate_to_internal(body: dict[str, Any], model: str,

@@ -7,14 +7,13 @@ import pytest
 from ollama_server.adapters.openai import openai_chat_to_internal, openai_completion_to_internal
 from ollama_server.adapters.vllm import (
     VLLMGenerateStream,
-    choice_to_gbnf,
     internal_to_vllm_tokenize,
-    regex_to_gbnf,
     vllm_detokenize_tokens,
     vllm_generate_to_internal,
     vllm_tokenize_request,
 )
 from ollama_server.core.errors import InvalidRequest, Unsupported
+from ollama_server.core.grammar import choice_to_gbnf, regex_to_gbnf
 from ollama_server.core.schemas import Finish, ReasoningDelta, TextDelta
 
 MSGS = [{"role": "user", "content": "hi"}]
