@@ -26,6 +26,7 @@ from ..core.errors import InvalidRequest, NotFound, ServiceError, Unsupported
 from ..core.schemas import Finish, InternalRequest
 from ..models import registry
 from ..models.gguf_meta import quantization_name, read_header
+from ..models.modelfile import coerce_parameter, parse_modelfile
 from ..models.schemas import ModelInfo
 from ..models.store import MEDIA_PREFIX, ModelName, digest_to_hex
 from ..utils.model_inspection import inspect_model
@@ -393,7 +394,7 @@ class _CreatePlan:
         if body.get("modelfile") is not None:
             if not isinstance(body["modelfile"], str):
                 raise InvalidRequest("'modelfile' must be a string", param="modelfile")
-            modelfile = ol.parse_modelfile(body["modelfile"])
+            modelfile = parse_modelfile(body["modelfile"])
         self.base_from = body.get("from") or modelfile.get("from")
         files = body.get("files")
         if files is not None and (not isinstance(files, dict) or not all(
@@ -430,7 +431,7 @@ class _CreatePlan:
                 raise InvalidRequest("'parameters' must be an object", param="parameters")
             for key, value in raw_params.items():
                 if value is not None:
-                    params[key] = ol.coerce_parameter(key, value)
+                    params[key] = coerce_parameter(key, value)
         self.params = params
         self.template = body.get("template") or modelfile.get("template")
         self.system = body.get("system") if body.get("system") is not None \

@@ -17,8 +17,8 @@ import threading
 from typing import Any
 from urllib.parse import urlparse
 
-from ..adapters.ollama import parse_modelfile
 from ..core.errors import InvalidRequest
+from ..models.modelfile import parse_modelfile
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from ollama_server.core.schemas import (
     ToolCallDelta,
     Usage,
 )
+from ollama_server.models.modelfile import parse_modelfile, render_go_template
 from ollama_server.models.schemas import ModelInfo
 
 
@@ -137,12 +138,12 @@ def test_generate_chat_path_raw_path_and_template():
      "both"),
 ])
 def test_render_go_template(template, values, expected):
-    assert ol.render_go_template(template, values) == expected
+    assert render_go_template(template, values) == expected
 
 
 def test_render_go_template_rejects_what_it_cannot_run():
     with pytest.raises(InvalidRequest):
-        ol.render_go_template("{{ range .Messages }}x{{ end }}", {})
+        render_go_template("{{ range .Messages }}x{{ end }}", {})
 
 
 def test_chat_messages_tools_images_and_load():
@@ -277,7 +278,7 @@ def test_tags_ps_and_models_bodies():
 
 
 def test_parse_modelfile():
-    parsed = ol.parse_modelfile('# c\nFROM @sha256:abc\nPARAMETER temperature 0.3\n'
+    parsed = parse_modelfile('# c\nFROM @sha256:abc\nPARAMETER temperature 0.3\n'
                                 'PARAMETER stop "<|im_end|>"\nPARAMETER stop </s>\n'
                                 'SYSTEM """two\nlines"""\nTEMPLATE "{{ .Prompt }}"\n'
                                 'LICENSE MIT\nMESSAGE user hello there\n')
@@ -289,7 +290,7 @@ def test_parse_modelfile():
     for bad in ("PARAMETER nope 1", "PARAMETER num_ctx big", "ADAPTER x", "WHAT x",
                 'SYSTEM """open'):
         with pytest.raises(InvalidRequest):
-            ol.parse_modelfile(bad)
+            parse_modelfile(bad)
 
 
 @pytest.mark.parametrize("exc,status,message", [
