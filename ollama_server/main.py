@@ -39,7 +39,7 @@ import signal
 from typing import Any
 
 from .config import Config, ConfigError, ConfigSource
-from .utils.logging import setup_logging
+from .logs import setup_logging
 
 log = logging.getLogger("ollama_server")
 

@@ -23,7 +23,7 @@ from typing import Any
 from flask import Flask
 
 from .config import Config, ConfigError, ConfigSource
-from .utils.logging import setup_logging
+from .logs import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from ..core.errors import (
     ServiceError,
 )
 from ..core.request_tracker import RequestTracker
+from ..logs import isolate_request_context, request_id_var
 from ..metrics import ServiceMetrics
 from ..models.manager import ModelManager
 from ..reload import ConfigReloader
-from ..utils.logging import isolate_request_context, request_id_var
 from .common import as_service_error, error_response
 from .handlers import Services
 from .security import check_access

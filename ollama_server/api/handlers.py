@@ -32,6 +32,7 @@ from ..core.errors import (
     Unsupported,
 )
 from ..core.min_tokens import open_stream
+from ..core.reasoning import ThinkSplitter, reasoning_mode
 from ..core.relay import output_started, pin_to_thread
 from ..core.request_tracker import RequestTracker
 from ..core.schemas import (
@@ -53,7 +54,6 @@ from ..core.tool_fallback import ToolCallExtractor, template_supports_tools
 from ..core.tool_fallback import prepare as prepare_generic_tools
 from ..models.manager import ModelManager
 from ..models.schemas import ModelInfo
-from ..utils.response_processing import ThinkSplitter, reasoning_mode
 from .common import client_gone_check
 from .validation import fit_embedding_inputs, fit_request_to_engine
 

@@ -26,10 +26,10 @@ from ..core.errors import InvalidRequest, NotFound, ServiceError, Unsupported
 from ..core.schemas import Finish, InternalRequest
 from ..models import registry
 from ..models.gguf_meta import quantization_name, read_header
+from ..models.inspection import inspect_model
 from ..models.modelfile import coerce_parameter, parse_modelfile
 from ..models.schemas import ModelInfo
 from ..models.store import MEDIA_PREFIX, ModelName, digest_to_hex
-from ..utils.model_inspection import inspect_model
 from .common import (
     as_service_error,
     json_body,

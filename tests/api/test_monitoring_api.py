@@ -14,8 +14,8 @@ from ollama_server.config import load_config
 from ollama_server.core.errors import EngineFailed
 from ollama_server.core.request_tracker import RequestTracker
 from ollama_server.core.schemas import Finish, TextDelta, Usage
+from ollama_server.logs import RequestIdFilter, request_id_var
 from ollama_server.models.manager import ModelManager
-from ollama_server.utils.logging import RequestIdFilter, request_id_var
 from tests.helpers import FakeExecutor
 
 MODEL = "tiny:latest"

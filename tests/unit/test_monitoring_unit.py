@@ -10,14 +10,7 @@ import re
 import pytest
 
 from ollama_server.core.schemas import RequestState, RequestStatus
-from ollama_server.metrics import (
-    parse_apps_csv,
-    parse_gpu_csv,
-    split_active,
-    throughput_series,
-    vllm_finished_reason,
-)
-from ollama_server.utils.logging import (
+from ollama_server.logs import (
     LOG_FORMAT,
     JournalFormatter,
     connected_to_journal,
@@ -25,6 +18,13 @@ from ollama_server.utils.logging import (
     isolate_request_context,
     request_id_var,
     setup_logging,
+)
+from ollama_server.metrics import (
+    parse_apps_csv,
+    parse_gpu_csv,
+    split_active,
+    throughput_series,
+    vllm_finished_reason,
 )
 
 

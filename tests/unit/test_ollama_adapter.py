@@ -320,7 +320,7 @@ def test_embed_helpers():
 
 def test_model_inspection_with_a_real_cli(tmp_path, monkeypatch):
     """A stand-in ``ollama`` executable (a real subprocess) answers ``show --modelfile``."""
-    from ollama_server.utils import model_inspection as mi
+    from ollama_server.models import inspection as mi
 
     exe = tmp_path / "ollama"
     exe.write_text("#!/bin/sh\n[ \"$1 $2\" = 'show --modelfile' ] || exit 1\n"

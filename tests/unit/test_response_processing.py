@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ollama_server.core.schemas import Finish, ReasoningDelta, TextDelta
-from ollama_server.utils.response_processing import (
+from ollama_server.core.reasoning import (
     KEEP,
     SPLIT,
     STRIP,
@@ -13,6 +12,7 @@ from ollama_server.utils.response_processing import (
     reasoning_mode,
     split_think,
 )
+from ollama_server.core.schemas import Finish, ReasoningDelta, TextDelta
 
 
 def run(chunks: list[str], mode: str = SPLIT, opens: bool = False) -> tuple[str, str]:

@@ -49,6 +49,21 @@ LOG_GATHER_S = 0.05  # a ready engine's log is read at most this often (see _rea
 LOG_DRAIN_TIMEOUT_S = 15.0  # the most an exited engine's last log lines are waited for
 
 
+def available_memory_bytes() -> int:
+    """Memory available to new allocations (MemAvailable), or total memory when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
 class EngineState(enum.StrEnum):
     """Life cycle of one llama-server process."""
 
@@ -405,8 +420,6 @@ class LLAMAExecutor(EngineClient):
 
     def _memory_message(self) -> str:
         """Ollama's words for a model that does not fit, with what the engine could not get."""
-        from ...utils.system import available_memory_bytes
-
         need = self.report.memory_error or "more"
         free_dev = [d for d in self.report.devices_by_key.values()
                     if d.free_mib is not None and not d.is_host]

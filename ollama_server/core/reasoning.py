@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from ..core.schemas import Event, PromptInfo, ReasoningDelta, TextDelta
+from .schemas import Event, PromptInfo, ReasoningDelta, TextDelta
 
 OPEN_TAG = "<think>"
 CLOSE_TAG = "</think>"

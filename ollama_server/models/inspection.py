@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..core.errors import InvalidRequest
-from ..models.modelfile import parse_modelfile
+from .modelfile import parse_modelfile
 
 log = logging.getLogger(__name__)
 
