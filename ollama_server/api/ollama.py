@@ -41,12 +41,12 @@ from .handlers import (
     Generation,
     Services,
     apply_model_defaults,
+    check_token_ids,
     run_embeddings,
     services,
     start_generation,
     with_engine,
 )
-from .validation import check_token_ids
 
 log = logging.getLogger(__name__)
 

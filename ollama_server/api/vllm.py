@@ -15,8 +15,13 @@ from flask import Blueprint, Response, jsonify
 from ..adapters import vllm as vl
 from ..core.schemas import Finish
 from .common import as_service_error, json_body, ndjson_line, stream_response
-from .handlers import fit_tools_to_template, services, start_generation, with_engine
-from .validation import check_token_ids
+from .handlers import (
+    check_token_ids,
+    fit_tools_to_template,
+    services,
+    start_generation,
+    with_engine,
+)
 
 bp = Blueprint("vllm", __name__)
 

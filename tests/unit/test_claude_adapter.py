@@ -18,7 +18,6 @@ from ollama_server.adapters.claude import (
     thinking_signature,
     tool_use_id,
 )
-from ollama_server.api.handlers import Result
 from ollama_server.core.errors import (
     AuthenticationError,
     ContextLengthExceeded,
@@ -38,6 +37,7 @@ from ollama_server.core.schemas import (
     ToolCallDelta,
     Usage,
 )
+from ollama_server.service.generation import Result
 
 USAGE = Usage(prompt_tokens=30, completion_tokens=7, cached_tokens=20)
 

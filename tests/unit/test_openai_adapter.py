@@ -8,7 +8,6 @@ import struct
 import pytest
 
 from ollama_server.adapters import openai as oa
-from ollama_server.api.handlers import Result
 from ollama_server.core.errors import (
     ContextLengthExceeded,
     EngineFailed,
@@ -23,6 +22,7 @@ from ollama_server.core.schemas import (
     ToolCallDelta,
     Usage,
 )
+from ollama_server.service.generation import Result
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -16,7 +16,6 @@ from ollama_server.adapters.responses import (
     response_envelope,
     responses_to_internal,
 )
-from ollama_server.api.handlers import Result
 from ollama_server.core.errors import EngineFailed, InvalidRequest
 from ollama_server.core.schemas import (
     Finish,
@@ -26,6 +25,7 @@ from ollama_server.core.schemas import (
     ToolCallDelta,
     Usage,
 )
+from ollama_server.service.generation import Result
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 IMG = "data:image/png;base64,iVBORw0KGgo="

@@ -17,13 +17,7 @@ from ollama_server.api.security import (
     presented_keys,
     route_access,
 )
-from ollama_server.api.validation import (
-    check_json_values,
-    fit_embedding_inputs,
-    fit_request_to_engine,
-    nesting_exceeds,
-    parse_json_body,
-)
+from ollama_server.api.validation import check_json_values, nesting_exceeds, parse_json_body
 from ollama_server.config import ConfigError, load_config
 from ollama_server.core.engine import EngineSettings
 from ollama_server.core.errors import Cancelled, InvalidRequest, QueueFull, RateLimited
@@ -32,6 +26,7 @@ from ollama_server.core.schemas import InternalRequest
 from ollama_server.models.admission import SlotQueue
 from ollama_server.models.manager import ModelManager
 from ollama_server.models.schemas import ModelInfo
+from ollama_server.service.fitting import fit_embedding_inputs, fit_request_to_engine
 
 
 def _config(**overrides):

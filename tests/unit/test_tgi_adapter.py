@@ -15,7 +15,6 @@ from ollama_server.adapters.tgi import (
     tgi_generate_to_internal,
     tgi_info,
 )
-from ollama_server.api.handlers import Result
 from ollama_server.core.errors import (
     ContextLengthExceeded,
     EngineFailed,
@@ -24,6 +23,7 @@ from ollama_server.core.errors import (
     Overloaded,
 )
 from ollama_server.core.schemas import Finish, TextDelta, TokenInfo, Usage
+from ollama_server.service.generation import Result
 
 
 def parse(params=None, stream=False, inputs="Hello"):
