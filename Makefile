@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
 	@echo "make test   - set everything up and run the whole test suite"
-	@echo "make fuzz   - the long fuzz run: 20,000 request bodies against the real engine"
+	@echo "make fuzz   - the long fuzz runs: 10,000 GGUF headers, then 20,000 request bodies"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
 	@echo "make registry | lint | bench | bench-relay | bench-request | bench-defaults | bench-split"
 	@echo "make container-tools | base-image | image   (podman; see README, Deployment)"
@@ -155,6 +155,8 @@ test-fast: venv
 
 # The property-based fuzzer of every dialect, long form (make test runs 200 bodies of it).
 # FUZZ_SEED picks the sequence; FUZZ_REPORT gets the counts as JSON while it runs.
+# First the GGUF header reader's fuzzer (make test runs 300 files; GGUF_FUZZ_SEED).
+GGUF_FUZZ_EXAMPLES ?= 10000
 FUZZ_EXAMPLES ?= 20000
 FUZZ_SECONDS ?= 14400
 FUZZ_CONCURRENCY ?= 4
@@ -162,6 +164,8 @@ FUZZ_TOKEN_CAP ?= 2
 FUZZ_REPORT ?= logs/fuzz-report.json
 fuzz: setup
 	@mkdir -p $(dir $(FUZZ_REPORT))
+	GGUF_FUZZ_EXAMPLES=$(GGUF_FUZZ_EXAMPLES) \
+	  $(VPY) -m pytest tests/unit/test_gguf_fuzz.py -p no:cacheprovider -o timeout=0 -s $(PYTEST_ARGS)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS) \
 	  FUZZ_CONCURRENCY=$(FUZZ_CONCURRENCY) FUZZ_TOKEN_CAP=$(FUZZ_TOKEN_CAP) \
 	  FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \

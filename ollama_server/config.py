@@ -92,6 +92,11 @@ class Config:
     registry_auth: dict[str, str] = field(default_factory=dict)
     registry_concurrency: int = 4  # blobs one pull (or push) transfers at once
     registry_timeout: float = 60.0  # seconds a registry may stay silent before a retry
+    # Model names, redirects and token services may lead to hosts on loopback, private or
+    # link-local addresses (169.254.169.254, 10.x, ::1, ...). Off: only the hosts named in
+    # registry, registry_insecure and registry_auth may be there (issue 25, server-side
+    # request forgery through /api/pull).
+    registry_allow_private: bool = False
 
     # --- issue 12: access control and limits ---------------------------------------------
     # Read from this object on every request (never copied at start-up), so that a reload of

@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 import yaml
 
-from tests.helpers import free_port
+from ollama_server.models.store import ModelName, OllamaStore
+from tests.helpers import REAL_MODELS, free_port
 
 REGISTRY_BINARY = Path("/usr/bin/docker-registry")
 
@@ -358,3 +359,143 @@ class CuttingProxy:
             self.cut = {"requests": [dict(r) for r in self.requests]}
         armed["on_cut"]()
         self.close()
+
+
+# --- a scripted (malicious) registry for the security tests (issue 25) ----------------------
+
+def link_model_store(root: Path, model: str = "smollm2:135m") -> Path:
+    """A store at ``root`` holding only ``model`` of the real store, its blobs hard-linked (or
+    copied)."""
+    src, dst = OllamaStore(REAL_MODELS), OllamaStore(root)
+    name = ModelName.parse(model)
+    raw = name.manifest_path(src.manifests_dir).read_bytes()
+    manifest = json.loads(raw)
+    dst.blobs_dir.mkdir(parents=True, exist_ok=True)
+    for entry in [manifest["config"], *manifest["layers"]]:
+        try:
+            os.link(src.blob_path(entry["digest"]), dst.blob_path(entry["digest"]))
+        except OSError:
+            shutil.copyfile(src.blob_path(entry["digest"]), dst.blob_path(entry["digest"]))
+    dst.write_manifest(name, raw)
+    return root
+
+
+class Answer:
+    """What a ScriptedServer sends: a status, headers and a body. A bytes body goes with its
+    Content-Length (unless ``headers`` sets one); an iterable of bytes goes chunked, one
+    chunk each, and stops when the client hangs up."""
+
+    def __init__(self, status: int = 200, headers: dict[str, str] | None = None,
+                 body: Any = b"") -> None:
+        self.status = status
+        self.headers = dict(headers or {})
+        self.body = body
+
+
+def json_answer(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
+    """A JSON body."""
+    return Answer(status, {"Content-Type": "application/json", **(headers or {})},
+                  json.dumps(obj).encode())
+
+
+class ScriptedServer:
+    """An HTTP/1.1 server on a loopback address that answers every request as ``route``
+    (request dict → Answer) says, and records each one (method, path, headers, body size):
+    a registry, token service or upload host that does what an attacker wants."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.requests: list[dict[str, Any]] = []
+        self.route: Any = self.default_route
+        self.sent = 0  # body bytes written, over every answer
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                server._handle(self)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @staticmethod
+    def default_route(request: dict[str, Any]) -> Answer:
+        return json_answer({"errors": [{"code": "NOT_FOUND"}]}, 404)
+
+    @property
+    def address(self) -> str:
+        """``host:port``, as it appears in model names."""
+        return f"{self.host}:{self.port}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.address}{path}"
+
+    def reset(self) -> None:
+        """Forget the requests and answer 404 again."""
+        self.requests.clear()
+        self.route = self.default_route
+        self.sent = 0
+
+    def authorizations(self) -> list[str]:
+        """The Authorization headers received (one per request that had one)."""
+        return [r["headers"]["authorization"] for r in self.requests
+                if "authorization" in r["headers"]]
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        headers = {k.lower(): v for k, v in h.headers.items()}
+        size = 0
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                line = h.rfile.readline()
+                n = int(line.split(b";")[0].strip() or b"0", 16)
+                if n == 0:
+                    h.rfile.readline()
+                    break
+                size += len(h.rfile.read(n))
+                h.rfile.readline()
+        else:
+            left = int(headers.get("content-length") or 0)
+            while left:
+                got = len(h.rfile.read(min(left, 1 << 20)))
+                if not got:
+                    break
+                size, left = size + got, left - got
+        request = {"method": h.command, "path": h.path, "headers": headers, "size": size}
+        self.requests.append(request)
+        answer = self.route(request)
+        try:
+            h.send_response(answer.status)
+            body = answer.body
+            names = {k.lower() for k in answer.headers}
+            for key, value in answer.headers.items():
+                h.send_header(key, value)
+            if isinstance(body, bytes | bytearray):
+                if "content-length" not in names:
+                    h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                if h.command != "HEAD":
+                    h.wfile.write(body)
+                    self.sent += len(body)
+                return
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            h.close_connection = True
+            for chunk in body:
+                if chunk:
+                    h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                    self.sent += len(chunk)
+            h.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            h.close_connection = True  # the client hung up: what a refusal looks like
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -25,11 +25,11 @@ from ..adapters.fields import get_bool
 from ..core.errors import InvalidRequest, NotFound, ServiceError, Unsupported
 from ..core.schemas import Finish, InternalRequest
 from ..models import registry
-from ..models.gguf_meta import quantization_name, read_header
+from ..models.gguf_meta import GGUFError, quantization_name, read_header
 from ..models.inspection import inspect_model
 from ..models.modelfile import coerce_parameter, parse_modelfile
 from ..models.schemas import ModelInfo
-from ..models.store import MEDIA_PREFIX, ModelName, digest_to_hex
+from ..models.store import MEDIA_PREFIX, DamagedModel, ModelName, digest_to_hex
 from .common import (
     as_service_error,
     json_body,
@@ -317,7 +317,10 @@ def delete() -> Response:
     name = ol.require_model(body, "model", "name")
     svc = services()
     with svc.manager.store.lock:
-        target = _store_name(name, svc, "delete")
+        try:
+            target = _store_name(name, svc, "delete")
+        except DamagedModel:
+            target = ModelName.parse(name)  # its manifest is there: deleting it is the fix
         short = target.short
         entry = svc.manager.loaded_entry(short)
         if entry is not None and entry.in_flight == 0:
@@ -354,15 +357,20 @@ def blob_upload(digest: str) -> Response:
 
 # --- create ----------------------------------------------------------------------------------
 
-def _gguf_kind(path: Path) -> tuple[str, Any]:
-    """("model" | "projector", header) of a GGUF blob; 400 when it is not a GGUF file."""
-    with open(path, "rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise InvalidRequest("supplied file was not in GGUF format", param="files")
+def _gguf_kind(digest: str, path: Path) -> tuple[str, Any]:
+    """("model" | "projector", header) of a GGUF blob; a 400 naming the problem when it is not
+    a GGUF file the engine can load (nothing is written, no engine started)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError:
+        magic = b""
+    if magic != b"GGUF":  # Ollama's words for a file that is not GGUF at all
+        raise InvalidRequest("supplied file was not in GGUF format", param="files")
     try:
         header = read_header(path)
-    except (OSError, ValueError) as exc:
-        raise InvalidRequest(f"cannot read the GGUF header: {exc}", param="files") from None
+    except GGUFError as exc:
+        raise GGUFError(f"the GGUF file {digest} is invalid: {exc.message}") from None
     return ("projector" if header.architecture == "clip" else "model"), header
 
 
@@ -417,13 +425,19 @@ class _CreatePlan:
                                      "with POST /api/blobs/sha256:<digest> and name it in "
                                      "'files'", param="from")
             self.base = svc.manager.resolve(self.base_from)
-        self.blob_paths: list[tuple[str, Path]] = []
+        # Every file's header is read (and refused) here, before the first byte of the answer:
+        # a crafted file is a 400, never an error line in a 200 stream.
+        self.blob_paths: list[tuple[str, Path, str, Any]] = []
         for fname, digest in self.files.items():
             path = self.store.blob_path(digest)
             if not path.is_file():
                 raise InvalidRequest(f"blob {digest} for {fname} not found: upload it with "
                                      f"POST /api/blobs/{digest} first", param="files")
-            self.blob_paths.append((f"sha256:{digest_to_hex(digest)}", path))
+            name = f"sha256:{digest_to_hex(digest)}"
+            self.blob_paths.append((name, path, *_gguf_kind(name, path)))
+        self.base_header = read_header(self.base.path) if self.base is not None else None
+        if self.base is None and not any(kind == "model" for *_, kind, _ in self.blob_paths):
+            raise InvalidRequest("no GGUF model file among 'files'", param="files")
         params = dict(modelfile.get("parameters") or {})
         raw_params = body.get("parameters")
         if raw_params is not None:
@@ -483,10 +497,9 @@ class _CreatePlan:
                 layers.append({"mediaType": MEDIA_PREFIX + "model",
                                "digest": f"sha256:{got}", "size": size})
                 yield {"status": f"creating new layer sha256:{got}"}
-            header = read_header(self.base.path)
-        for digest, path in self.blob_paths:
+            header = self.base_header
+        for digest, path, kind, gguf_header in self.blob_paths:
             yield {"status": "parsing GGUF"}
-            kind, gguf_header = _gguf_kind(path)
             if kind == "model":
                 header = gguf_header
             layers.append({"mediaType": MEDIA_PREFIX + kind, "digest": digest,

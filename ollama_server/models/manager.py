@@ -9,7 +9,6 @@ model comes from its GGUF header. Loading keeps one LLAMAExecutor per model, at 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -28,9 +27,19 @@ from ..core.errors import (
     Overloaded,
 )
 from .admission import SlotQueue
-from .gguf_meta import quantization_name, read_header
+from .gguf_meta import GGUFError, quantization_name, read_header
 from .schemas import ModelInfo
-from .store import ModelName, OllamaStore
+from .store import (
+    MAX_SMALL_LAYER_BYTES,
+    MEDIA_PREFIX,
+    SMALL_LAYERS,
+    DamagedModel,
+    ModelName,
+    OllamaStore,
+    check_manifest,
+    params_problem,
+    parse_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,20 @@ def same_engine(running: Any, fresh: Any) -> bool:
     return getattr(running, "settings", None) == getattr(fresh, "settings", None)
 
 
+def _stamp(info: ModelInfo) -> tuple:
+    """(size, mtime) of a model's GGUF files (None for one that is gone): a blob replaced in
+    place changes it."""
+    out = []
+    for path in (info.path, info.projector):
+        if path is not None:
+            try:
+                st = path.stat()
+                out.append((st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+    return tuple(out)
+
+
 class ModelManager:
     """Finds models and hands out ready engines for them."""
 
@@ -91,7 +114,9 @@ class ModelManager:
         self._factory = executor_factory or self._default_factory
         self._lock = threading.Condition()
         self._loaded: dict[str, LoadedModel] = {}
-        self._info_cache: dict[tuple[str, float], ModelInfo] = {}
+        # (file, mtime) → (info, the stamp of its GGUF files when it was read)
+        self._info_cache: dict[tuple[str, float], tuple[ModelInfo, tuple]] = {}
+        self._reported: dict[str, str] = {}  # file → the problem last logged for it
         self._closed = False
         self.aliases: dict[str, str] = {}  # placeholder name → model ("" = default model)
         # Models whose last start failed: name → {"error", "at" (epoch s), "engine"}; cleared
@@ -143,66 +168,117 @@ class ModelManager:
 
     # --- discovery -----------------------------------------------------------------------
 
-    def _info_from_manifest(self, name: ModelName, path: Path) -> ModelInfo | None:
-        mtime = path.stat().st_mtime
-        cached = self._info_cache.get((str(path), mtime))
+    def _cached(self, key: tuple[str, float]) -> ModelInfo | None:
+        """A cached ModelInfo whose GGUF files have not changed since it was read (a blob
+        replaced in place must be read again, never handed to an engine)."""
+        entry = self._info_cache.get(key)
+        if entry is None or entry[1] != _stamp(entry[0]):
+            return None
+        return entry[0]
+
+    def _remember(self, key: tuple[str, float], info: ModelInfo) -> None:
+        self._info_cache[key] = (info, _stamp(info))
+
+    def _report(self, path: Path, problem: str) -> None:
+        """Log why a model is left out of the lists, once per file and problem (listings run
+        on every /api/tags)."""
+        if self._reported.get(str(path)) != problem:
+            self._reported[str(path)] = problem
+            log.warning("%s (left out of the model list)", problem)
+
+    def _info_from_manifest(self, name: ModelName, path: Path) -> ModelInfo:
+        """The model a manifest describes. DamagedModel names the problem when its files
+        cannot be used, whatever they hold; ModelNotFound when the manifest has just gone."""
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            raise ModelNotFound(name.short) from None
+        cached = self._cached((str(path), mtime))
         if cached is not None:
             return cached
         try:
+            info = self._read_manifest_model(name, path, mtime)
+        except DamagedModel:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the files hold: a 400, not a 500
+            raise DamagedModel(name.short, f"its files cannot be read ({type(exc).__name__}: "
+                                           f"{exc})") from None
+        self._remember((str(path), mtime), info)
+        return info
+
+    def _read_manifest_model(self, name: ModelName, path: Path, mtime: float) -> ModelInfo:
+        short = name.short
+        try:
             manifest = self.store.read_manifest(path)
-        except (OSError, ValueError) as exc:
-            log.warning("skipping unreadable manifest %s: %s", path, exc)
-            return None
+            layers = check_manifest(manifest)
+        except OSError as exc:
+            raise DamagedModel(short, f"its manifest cannot be read ({exc.strerror})") from None
+        except ValueError as exc:
+            raise DamagedModel(short, f"its manifest is malformed: {exc}") from None
+        for layer in layers:
+            kind = layer["mediaType"].removeprefix(MEDIA_PREFIX)
+            try:
+                size = self.store.blob_path(layer["digest"]).stat().st_size
+            except OSError:
+                raise DamagedModel(short, f"the blob {layer['digest']} of its {kind} layer is "
+                                          f"missing from the store") from None
+            if kind in SMALL_LAYERS and size > MAX_SMALL_LAYER_BYTES:
+                raise DamagedModel(short, f"its {kind} layer is {size} bytes, more than the "
+                                          f"{MAX_SMALL_LAYER_BYTES} a {kind} layer may be")
         model_layer = self.store.layer(manifest, "model")
         if model_layer is None:
-            return None
+            raise DamagedModel(short, "its manifest has no model layer")
+        gguf_path = self.store.blob_path(model_layer["digest"])
         try:
-            gguf_path = self.store.blob_path(model_layer["digest"])
-        except (KeyError, InvalidRequest):
-            return None
-        if not gguf_path.is_file():
-            log.warning("manifest %s names a missing blob %s", path, gguf_path.name)
-            return None
-        info = self._info_from_gguf(name.short, gguf_path, "ollama")
-        if info is None:
-            return None
+            info = self._info_from_gguf(short, gguf_path, "ollama")
+        except GGUFError as exc:
+            raise DamagedModel(short, f"its model file is not a usable GGUF file: "
+                                      f"{exc.message}") from None
         info.digest = hashlib.sha256(path.read_bytes()).hexdigest()
         info.modified_at = mtime
-        info.layers = manifest.get("layers", [])
+        info.layers = layers
         info.size = sum(int(layer.get("size", 0)) for layer in info.layers) + int(
             (manifest.get("config") or {}).get("size", 0))
         params = self._layer_json(manifest, "params", name)
-        if isinstance(params, dict):
+        if params is not None:
+            problem = params_problem(params)
+            if problem is not None:
+                raise DamagedModel(short, problem)
             info.params = params
         info.system = self.store.read_layer_text(manifest, "system")
         messages = self._layer_json(manifest, "messages", name)
-        if isinstance(messages, list):
-            info.messages = [{"role": str(m.get("role", "")),
-                              "content": str(m.get("content") or "")}
-                             for m in messages if isinstance(m, dict)]
+        if messages is not None and not isinstance(messages, list):
+            raise DamagedModel(short, "its messages layer is not a JSON list")
+        info.messages = [{"role": str(m.get("role", "")), "content": str(m.get("content") or "")}
+                         for m in messages or [] if isinstance(m, dict)]
         info.template = (self.store.read_layer_text(manifest, "template")
                          or self.store.read_layer_text(manifest, "prompt"))
-        info.license = [text for layer in manifest.get("layers", [])
-                        if layer.get("mediaType", "").endswith(".license")
+        info.license = [text for layer in layers if layer["mediaType"].endswith(".license")
                         for text in [self._blob_text(layer)] if text]
         projector = self.store.layer(manifest, "projector")
         if projector is not None:
             proj_path = self.store.blob_path(projector["digest"])
-            info.projector = proj_path if proj_path.is_file() else None
-        self._info_cache[(str(path), mtime)] = info
+            try:
+                read_header(proj_path)  # llama-server is never started on a refused file
+            except GGUFError as exc:
+                raise DamagedModel(short, f"its projector file is not a usable GGUF file: "
+                                          f"{exc.message}") from None
+            info.projector = proj_path
         return info
 
     def _layer_json(self, manifest: dict[str, Any], kind: str, name: ModelName) -> Any:
-        """The JSON of a manifest's ``kind`` layer; None when it has none, or it is not JSON
-        (logged)."""
-        text = self.store.read_layer_text(manifest, kind)
-        if not text:
+        """The JSON of a manifest's ``kind`` layer; None when it has none, DamagedModel when
+        it is not JSON (its size was checked against MAX_SMALL_LAYER_BYTES)."""
+        layer = self.store.layer(manifest, kind)
+        if layer is None:
             return None
         try:
-            return json.loads(text)
+            return parse_json(self.store.blob_path(layer["digest"]).read_bytes())
+        except OSError as exc:
+            raise DamagedModel(name.short, f"its {kind} layer cannot be read "
+                                           f"({exc.strerror})") from None
         except ValueError:
-            log.warning("%s layer of %s is not JSON", kind, name.short)
-            return None
+            raise DamagedModel(name.short, f"its {kind} layer is not JSON") from None
 
     def _blob_text(self, layer: dict[str, Any]) -> str | None:
         try:
@@ -210,13 +286,14 @@ class ModelManager:
         except (OSError, KeyError, InvalidRequest, UnicodeDecodeError):
             return None
 
-    def _info_from_gguf(self, name: str, path: Path, source: str) -> ModelInfo | None:
+    def _info_from_gguf(self, name: str, path: Path, source: str) -> ModelInfo:
+        """A ModelInfo from a GGUF header; GGUFError when the file is not a usable GGUF (the
+        reader checked the types of every key read here)."""
+        header = read_header(path)
         try:
-            header = read_header(path)
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read GGUF header of %s: %s", path, exc)
-            return None
-        st = path.stat()
+            st = path.stat()
+        except OSError as exc:
+            raise GGUFError(f"cannot read the GGUF file: {exc.strerror}") from None
         arch = header.architecture
         file_type = header.get("general.file_type")
         pooling = header.arch_value("pooling_type")
@@ -252,9 +329,16 @@ class ModelManager:
         """Every model in the Ollama store and the GGUF folders, sorted by name."""
         found: dict[str, ModelInfo] = {}
         for name, path in self.store.iter_manifests():
-            info = self._info_from_manifest(name, path)
-            if info is not None:
-                found.setdefault(info.name, info)
+            # A damaged model is left out (as Ollama's list does), logged once; requests for
+            # it get the DamagedModel 400, and /api/delete removes it.
+            try:
+                info = self._info_from_manifest(name, path)
+            except DamagedModel as exc:
+                self._report(path, exc.message)
+                continue
+            except ModelNotFound:
+                continue
+            found.setdefault(info.name, info)
         for path in self._gguf_files():
             info = self._gguf_folder_info(path)
             if info is not None:
@@ -262,20 +346,26 @@ class ModelManager:
         return sorted(found.values(), key=lambda i: i.name)
 
     def _gguf_folder_info(self, path: Path) -> ModelInfo | None:
-        key = (str(path), path.stat().st_mtime)
-        cached = self._info_cache.get(key)
+        try:
+            key = (str(path), path.stat().st_mtime)
+        except OSError:
+            return None
+        cached = self._cached(key)
         if cached is not None:
             return cached
         try:
             short = ModelName.parse(path.stem).short
         except InvalidRequest:
             return None
-        info = self._info_from_gguf(short, path, "gguf")
-        if info is not None:
-            info.digest = hashlib.sha256(str(path).encode()).hexdigest()
-            mmproj = next(iter(sorted(path.parent.glob(f"{path.stem}*mmproj*.gguf"))), None)
-            info.projector = mmproj
-            self._info_cache[key] = info
+        try:
+            info = self._info_from_gguf(short, path, "gguf")
+        except GGUFError as exc:
+            self._report(path, f"{path} is not a usable GGUF file: {exc.message}")
+            return None
+        info.digest = hashlib.sha256(str(path).encode()).hexdigest()
+        mmproj = next(iter(sorted(path.parent.glob(f"{path.stem}*mmproj*.gguf"))), None)
+        info.projector = mmproj
+        self._remember(key, info)
         return info
 
     def resolve(self, name: str | None) -> ModelInfo:
@@ -287,9 +377,10 @@ class ModelManager:
         parsed = ModelName.parse(name or "")
         path = parsed.manifest_path(self.store.manifests_dir)
         if path.is_file():
-            info = self._info_from_manifest(parsed, path)
-            if info is not None:
-                return info
+            try:
+                return self._info_from_manifest(parsed, path)  # DamagedModel: its 400
+            except ModelNotFound:
+                pass  # deleted meanwhile
         wanted = parsed.short.lower()
         for info in self.list_models():
             if info.name.lower() == wanted:

@@ -23,15 +23,29 @@ a private one inside a company network included.
 A blob that several pulls need at once is downloaded once: later pulls join the transfer in
 progress and report its progress; it is cancelled (its partial file kept) when the last pull
 waiting for it goes away.
+
+A registry is not trusted (issue 25): every digest of a manifest is checked before any file is
+written or any request names it (CVE-2024-37032); credentials (``registry_auth`` and tokens)
+only go to the origin (scheme, host, port) they belong to, whatever a challenge, a redirect or an
+upload ``Location`` says; hosts on loopback, private or link-local addresses are refused unless
+the configuration names them or sets ``registry_allow_private`` (the name, every address it
+resolves to and the address actually connected are checked, for redirects and token services
+too); at most ``MAX_REDIRECTS`` http(s) redirects are followed; every answer is read with a cap
+on its decoded size (``MANIFEST_CAP``, ``TOKEN_CAP``, ``ERROR_CAP``, a blob's manifest size),
+inflated piece by piece, so a gzip bomb or an endless body costs no memory.
 """
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +53,13 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from ..core.errors import ServiceError
+from ..core.workers import is_private_address
 from .store import (
     DEFAULT_HOST,
     MANIFEST_MEDIA,
@@ -49,7 +68,6 @@ from .store import (
     ModelName,
     OllamaStore,
     PartialBlob,
-    digest_to_hex,
 )
 
 log = logging.getLogger(__name__)
@@ -61,6 +79,17 @@ UPLOAD_CHUNK = 16 << 20  # blobs up to this size go in one PUT, bigger ones in P
 RETRIES = 4  # tries of one blob transfer after the first, with doubling pauses
 FIRST_PAUSE = 0.5
 PROGRESS_EVERY = 0.1  # seconds between progress objects of one layer
+# Caps on what a registry's answer may put in memory (decoded bytes); a blob is capped by the
+# size its manifest gives. A manifest or a token answer is a few KiB.
+MANIFEST_CAP = 4 << 20
+TOKEN_CAP = 64 << 10
+ERROR_CAP = 64 << 10  # bytes of an error answer read; the rest is never read
+ERROR_SHOWN = 1000  # characters of it quoted in the error
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # fullmatch: no trailing newline, no "../"
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class RegistryError(ServiceError):
@@ -83,6 +112,9 @@ class RegistrySettings:
     credentials: dict[str, str] = field(default_factory=dict)  # host -> "user:password"
     concurrency: int = 4
     timeout: float = 60.0
+    # Hosts on loopback, private and link-local addresses may be reached (the hosts named
+    # above may always be).
+    allow_private: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> "RegistrySettings":
@@ -90,7 +122,8 @@ class RegistrySettings:
         return cls(default_registry=config.registry,
                    insecure_hosts=list(config.registry_insecure),
                    credentials=dict(config.registry_auth),
-                   concurrency=config.registry_concurrency, timeout=config.registry_timeout)
+                   concurrency=config.registry_concurrency, timeout=config.registry_timeout,
+                   allow_private=config.registry_allow_private)
 
 
 @dataclass(frozen=True)
@@ -148,73 +181,392 @@ def describe_network_error(method: str, url: str, exc: BaseException) -> str:
     return f'{method.title()} "{url}": {text}'
 
 
+# --- where requests may go, and how much of an answer is read (issue 25) ---------------------
+
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, the port filled in from the scheme: what credentials
+    belong to."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # an origin nothing else has
+    return scheme, (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(scheme)
+
+
+def _host_keys(url: str) -> set[str]:
+    """How the configuration may name the host of ``url``: ``host:port``, and ``host`` alone
+    when the port is the scheme's default (``registry_auth``, ``registry_insecure`` keys)."""
+    scheme, host, port = origin_of(url)
+    if ":" in host:  # IPv6, written in brackets in a host[:port]
+        host = f"[{host}]"
+    keys = {f"{host}:{port}"}
+    if port == _DEFAULT_PORTS.get(scheme):
+        keys.add(host)
+    return keys
+
+
+def is_internal_address(addr: str) -> bool:
+    """True for an address a registry may not be reached at without ``registry_allow_private``:
+    loopback, private, link-local and carrier-grade NAT (``is_private_address``), unspecified,
+    multicast and reserved ones, and IPv6 forms that carry such an IPv4 address (mapped,
+    NAT64, 6to4, Teredo)."""
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = [ip.ipv4_mapped, ip.sixtofour, ip.teredo[1] if ip.teredo else None,
+                    ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None]
+        candidates += [e for e in embedded if e is not None]
+    return any(is_private_address(str(c)) or c.is_unspecified or c.is_multicast or c.is_reserved
+               for c in candidates)
+
+
+def _refusal(host: str, addresses: str) -> str:
+    return (f"{host} is at {addresses}, a loopback, private or link-local address: refused, "
+            f"as a registry there could reach services inside this network. For a registry "
+            f"you trust, name it in registry, registry_insecure or registry_auth, or set "
+            f"registry_allow_private: true in the service configuration")
+
+
+class HostPolicy:
+    """Which hosts a pull or push may reach (server-side request forgery, CVE-2026-5530).
+
+    Hosts the configuration names (``registry``, ``registry_insecure``, ``registry_auth``) are
+    trusted; any other host, whether named by a model name, a redirect, a token realm or an
+    upload location, must resolve only to public addresses unless ``allow_private``. The
+    address actually connected is checked again (``_guarded_session``), so a name that resolves
+    differently the second time (DNS rebinding) gains nothing.
+    """
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.allow_private = settings.allow_private
+        named = [settings.default_registry, *settings.insecure_hosts, *settings.credentials]
+        self.trusted = frozenset(h.strip().lower() for h in named if h and h.strip())
+
+    def trusts(self, url: str) -> bool:
+        """True when the host of ``url`` may be on any address."""
+        return self.allow_private or bool(_host_keys(url) & self.trusted)
+
+    def check(self, method: str, url: str) -> None:
+        """RegistryError unless ``url`` is http(s) to a host this policy lets through."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in _DEFAULT_PORTS:
+            raise RegistryError(f'{method.title()} "{url}": unsupported protocol scheme '
+                                f'"{parts.scheme}"')
+        scheme, host, port = origin_of(url)
+        if not host or port == -1:
+            raise RegistryError(f'{method.title()} "{url}": invalid host in the URL')
+        if self.trusts(url):
+            return
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return  # the request fails with Ollama's "no such host"
+        internal = sorted({info[4][0] for info in infos if is_internal_address(info[4][0])})
+        if internal:
+            raise RegistryError(f'{method.title()} "{url}": '
+                                f'{_refusal(parts.netloc, ", ".join(internal))}')
+
+    def check_peer(self, scheme: str, host: str, port: int, sock: socket.socket) -> None:
+        """Close ``sock`` and raise RegistryError when it is connected to an address this
+        policy refuses for ``host``."""
+        if self.trusts(f"{scheme}://{host}:{port}/"):
+            return
+        peer = sock.getpeername()[0]
+        if is_internal_address(peer):
+            sock.close()
+            raise RegistryError(_refusal(f"{host}:{port}", peer))
+
+
+def _guarded_session(policy: HostPolicy) -> requests.Session:
+    """A Session whose every direct connection is checked against ``policy`` once connected
+    (through a proxy, the proxy connects and only the name is checked)."""
+
+    def guarded(base: type[HTTPConnection], scheme: str) -> type[HTTPConnection]:
+        class Guarded(base):  # type: ignore[valid-type, misc]
+            def _new_conn(self) -> socket.socket:
+                sock = super()._new_conn()
+                policy.check_peer(scheme, self.host, self.port, sock)
+                return sock
+
+        return Guarded
+
+    class Plain(HTTPConnectionPool):
+        ConnectionCls = guarded(HTTPConnection, "http")
+
+    class Secure(HTTPSConnectionPool):
+        ConnectionCls = guarded(HTTPSConnection, "https")
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": Plain, "https": Secure}
+
+    session = requests.Session()
+    session.mount("http://", Adapter())
+    session.mount("https://", Adapter())
+    # Blobs are compressed already, and Range requests count encoded bytes: ask for none.
+    session.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    return session
+
+
+class TooLarge(Exception):
+    """An answer went past its cap (it is not read further)."""
+
+
+def _content_coding(resp: requests.Response) -> str | None:
+    """The one content coding of ``resp`` this client inflates (gzip, deflate), or None."""
+    header = resp.headers.get("Content-Encoding", "")
+    codings = [c.strip().lower() for c in header.split(",")
+               if c.strip().lower() not in ("", "identity")]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+        return codings[0]
+    raise RegistryError(f"the registry answered with Content-Encoding: {header}, which this "
+                        f"client does not decode (it asks for identity): fix the registry or "
+                        f"the proxy in front of it")
+
+
+class _Inflater:
+    """gzip or deflate inflated at most READ_CHUNK bytes at a time (a bomb never inflates
+    in memory at once)."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self.raw_deflate = False
+        self.fed = False
+        self.done = False
+        self.obj = self._new()
+
+    def _new(self) -> Any:
+        if self.coding != "deflate":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        return zlib.decompressobj(-zlib.MAX_WBITS if self.raw_deflate else zlib.MAX_WBITS)
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The decoded pieces of the next ``data``; what follows the end is ignored."""
+        while not self.done:
+            try:
+                out = self.obj.decompress(data, READ_CHUNK)
+            except zlib.error as exc:
+                if self.coding == "deflate" and not self.fed and not self.raw_deflate:
+                    self.raw_deflate = True  # "deflate" without its zlib header, as some send
+                    self.obj = self._new()
+                    continue
+                raise RegistryError(f"the registry's {self.coding} answer is corrupt: {exc}") \
+                    from None
+            self.fed = True
+            data = self.obj.unconsumed_tail
+            if out:
+                yield out
+            if self.obj.eof:
+                rest = self.obj.unused_data
+                if self.coding != "deflate" and rest[:2] == b"\x1f\x8b":
+                    self.obj, data = self._new(), rest  # another gzip member
+                    continue
+                self.done = True
+            elif not data and len(out) < READ_CHUNK:
+                return  # a full piece may leave more pending: asked again with no input
+
+
+def _raw_chunks(resp: requests.Response) -> Iterator[bytes]:
+    """The body's bytes as they came (de-chunked, not decoded); urllib3's errors become
+    requests' (as ``iter_content`` makes them), so the retry logic sees one kind."""
+    try:
+        yield from resp.raw.stream(READ_CHUNK, decode_content=False)
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise requests.exceptions.ReadTimeout(exc) from exc
+    except urllib3.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(exc) from exc
+    except urllib3.exceptions.ProtocolError as exc:
+        raise requests.exceptions.ChunkedEncodingError(exc) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise requests.exceptions.ConnectionError(exc) from exc
+
+
+def iter_body(resp: requests.Response, limit: int) -> Iterator[bytes]:
+    """The body of ``resp`` decoded, in pieces of at most READ_CHUNK bytes; TooLarge as soon
+    as more than ``limit`` decoded bytes (or more than about as many raw ones) come."""
+    coding = _content_coding(resp)
+    inflater = _Inflater(coding) if coding else None
+    raw_limit = limit + limit // 64 + (64 << 10)  # gzip's overhead on incompressible bytes
+    raw_total = total = 0
+    for raw in _raw_chunks(resp):
+        raw_total += len(raw)
+        if raw_total > raw_limit:
+            raise TooLarge()
+        for piece in inflater.pieces(raw) if inflater else (raw,):
+            total += len(piece)
+            if total > limit:
+                raise TooLarge()
+            yield piece
+
+
+def read_body(resp: requests.Response, cap: int) -> bytes:
+    """The whole decoded body of ``resp``, at most ``cap`` bytes (TooLarge past it, before
+    reading when Content-Length says so); network failures as RegistryError."""
+    length = resp.headers.get("Content-Length", "")
+    if _content_coding(resp) is None and length.isdigit() and int(length) > cap:
+        raise TooLarge()
+    try:
+        return b"".join(iter_body(resp, cap))
+    except requests.RequestException as exc:
+        raise RegistryError(describe_network_error(resp.request.method or "GET", resp.url,
+                                                   exc)) from None
+
+
+def error_text(resp: requests.Response) -> str:
+    """The start of an error answer's body (ERROR_CAP bytes read at most), for a message."""
+    if resp.request.method == "HEAD":
+        return ""
+    got = bytearray()
+    try:
+        for piece in iter_body(resp, ERROR_CAP):
+            got += piece
+    except (TooLarge, RegistryError, requests.RequestException):
+        pass
+    text = got[:ERROR_CAP].decode("utf-8", "replace").strip()
+    return text if len(text) <= ERROR_SHOWN else text[:ERROR_SHOWN] + "…"
+
+
+def _basic_header(creds: str) -> str:
+    return "Basic " + base64.b64encode(creds.encode()).decode()
+
+
 class RegistryClient:
-    """HTTP to one registry with the distribution spec's token flow; typed errors."""
+    """HTTP to one registry with the distribution spec's token flow; typed errors.
+
+    Every response is streamed: its body is read with a cap (``read_body``, ``iter_body``,
+    ``error_text``) and the caller closes it.
+    """
 
     def __init__(self, remote: Remote, settings: RegistrySettings) -> None:
         self.remote = remote
+        self.settings = settings
         self.timeout = settings.timeout
+        self.origin = origin_of(remote.url())
         creds = settings.credentials.get(remote.host)
-        self._basic: tuple[str, str] | None = tuple(creds.split(":", 1)) if creds else None
+        self._basic: str | None = _basic_header(creds) if creds else None
         self._use_basic = False
         self._token: str | None = None
         self._lock = threading.Lock()
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = USER_AGENT
+        self.policy = HostPolicy(settings)
+        self.session = _guarded_session(self.policy)
 
     def close(self) -> None:
         """Close the pooled connections."""
         self.session.close()
 
-    def request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
-                data: bytes | None = None, stream: bool = False) -> requests.Response:
-        """One request; a 401 is answered with the challenge's credentials and tried once
-        more. Network failures raise RegistryError; HTTP errors are left to ``check``."""
-        for attempt in range(2):
-            sent = dict(headers or {})
-            auth = None
-            with self._lock:
-                if self._token:
-                    sent["Authorization"] = f"Bearer {self._token}"
-                elif self._use_basic and self._basic:
-                    auth = self._basic
+    def _send(self, method: str, url: str, headers: dict[str, str] | None, data: bytes | None,
+              owner: tuple[str, str, int | None], auth: str | None) -> requests.Response:
+        """One request and its redirects: at most MAX_REDIRECTS, http(s) only, every host
+        checked by the policy; ``auth`` (an Authorization value) only goes to ``owner``."""
+        headers = dict(headers or {})
+        for _ in range(MAX_REDIRECTS + 1):
+            self.policy.check(method, url)
+            sent = dict(headers)
+            if auth and origin_of(url) == owner:
+                sent["Authorization"] = auth
             try:
-                resp = self.session.request(method, url, headers=sent, data=data,
-                                            stream=stream, auth=auth,
+                resp = self.session.request(method, url, headers=sent, data=data, stream=True,
+                                            allow_redirects=False,
                                             timeout=(min(10.0, self.timeout), self.timeout))
             except requests.RequestException as exc:
                 raise RegistryError(describe_network_error(method, url, exc)) from None
-            if resp.status_code != 401 or attempt == 1:
+            location = resp.headers.get("Location")
+            if resp.status_code not in _REDIRECTS or not location:
+                return resp
+            resp.close()
+            url = urljoin(url, location)
+            if (resp.status_code == 303 and method != "HEAD") or \
+                    (resp.status_code in (301, 302) and method == "POST"):
+                method, data = "GET", None  # as browsers and Go do
+                headers = {k: v for k, v in headers.items()
+                           if k.lower() not in ("content-type", "content-length",
+                                                "content-range")}
+        raise RegistryError(f'{method.title()} "{url}": stopped after {MAX_REDIRECTS} '
+                            f'redirects')
+
+    def request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
+                data: bytes | None = None) -> requests.Response:
+        """One request (streamed); a 401 of the registry is answered with the challenge's
+        credentials and tried once more. Network failures raise RegistryError; HTTP errors
+        are left to ``check``."""
+        for attempt in range(2):
+            with self._lock:
+                auth = f"Bearer {self._token}" if self._token else \
+                    self._basic if self._use_basic else None
+            resp = self._send(method, url, headers, data, self.origin, auth)
+            if resp.status_code != 401 or attempt == 1 or origin_of(resp.url) != self.origin:
                 return resp
             challenge = resp.headers.get("WWW-Authenticate", "")
             resp.close()
             self._authenticate(challenge)
         raise AssertionError("unreachable")
 
+    def _credentials_for(self, url: str) -> str | None:
+        """The Basic credentials that may go to ``url``: the registry's to its own origin;
+        to another host only those configured for that host, and over plain HTTP only when
+        the registry itself is plain HTTP or that host is in registry_insecure."""
+        if origin_of(url) == self.origin:
+            return self._basic
+        keys = _host_keys(url)
+        creds = next((v for k, v in self.settings.credentials.items()
+                      if k.strip().lower() in keys), None)
+        plain_ok = self.remote.scheme == "http" or bool(
+            keys & {h.strip().lower() for h in self.settings.insecure_hosts})
+        if creds is None or (urlsplit(url).scheme.lower() == "http" and not plain_ok):
+            return None
+        return _basic_header(creds)
+
+    def _hint(self, realm: str | None = None) -> str:
+        """What to configure after a refusal (empty when credentials were given)."""
+        host = self.remote.host
+        if realm and origin_of(realm) != self.origin:
+            other = urlsplit(realm).netloc
+            if self._basic is None:
+                return (f" (set registry_auth for {host} in the service configuration, and "
+                        f"for {other}, its token service: credentials only go to the host "
+                        f"they are set for)")
+            if self._credentials_for(realm) is None:
+                return (f" (set registry_auth for {other}, the token service of {host}, in "
+                        f"the service configuration: credentials only go to the host they "
+                        f"are set for)")
+            return ""
+        return f" (set registry_auth for {host} in the service configuration)" \
+            if self._basic is None else ""
+
     def _authenticate(self, challenge: str) -> None:
         scheme, params = parse_challenge(challenge)
-        hint = (f" (set registry_auth for {self.remote.host} in the service configuration)"
-                if self._basic is None else "")
         if scheme == "basic" and self._basic:
             self._use_basic = True
             return
         if scheme != "bearer" or not params.get("realm"):
-            raise RegistryError(f"unauthorized: authentication required{hint}")
-        query: list[tuple[str, str]] = []
+            raise RegistryError(f"unauthorized: authentication required{self._hint()}")
+        realm = params["realm"]
+        parts = urlsplit(realm)
+        query = parse_qsl(parts.query, keep_blank_values=True)
         if params.get("service"):
             query.append(("service", params["service"]))
         for scope in (params.get("scope") or "").split():
             query.append(("scope", scope))
-        realm = params["realm"]
+        url = urlunsplit(parts._replace(query=urlencode(query)))
+        resp = self._send("GET", url, None, None, origin_of(realm),
+                          self._credentials_for(realm))
+        with resp:
+            if resp.status_code >= 400:
+                raise RegistryError(f"{resp.status_code}: {error_text(resp)}"
+                                    f"{self._hint(realm)}")
+            try:
+                raw = read_body(resp, TOKEN_CAP)
+            except TooLarge:
+                raise RegistryError(f"the token service {realm} answered with more than "
+                                    f"{TOKEN_CAP >> 10} KiB (a token is a few): refused") \
+                    from None
         try:
-            resp = self.session.get(realm, params=query, auth=self._basic,
-                                    timeout=(min(10.0, self.timeout), self.timeout))
-        except requests.RequestException as exc:
-            raise RegistryError(describe_network_error("GET", realm, exc)) from None
-        if resp.status_code >= 400:
-            raise RegistryError(f"{resp.status_code}: {resp.text.strip()}{hint}")
-        try:
-            body = resp.json()
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             token = None
@@ -227,14 +579,12 @@ class RegistryClient:
         """``resp`` when its status is one of ``ok``; else RegistryError in Ollama's words."""
         if resp.status_code in ok:
             return resp
-        body = "" if resp.request.method == "HEAD" else resp.text.strip()
+        body = error_text(resp)
         resp.close()
         if resp.status_code == 404:
             raise RegistryError("file does not exist")
         if resp.status_code in (401, 403):
-            hint = f" (set registry_auth for {self.remote.host} in the service configuration)" \
-                if self._basic is None else ""
-            raise RegistryError(f"unauthorized: access denied{hint}")
+            raise RegistryError(f"unauthorized: access denied{self._hint()}")
         raise RegistryError(f"{resp.status_code}: {body}" if body else str(resp.status_code))
 
 
@@ -362,6 +712,20 @@ def _run_transfers(starts: list[Callable[[], Transfer]], verb: str,
 
 # --- pull ------------------------------------------------------------------------------------
 
+def check_blob_entries(blobs: list[Any], prefix: str) -> None:
+    """RegistryError (``prefix`` first) unless every entry has a size and a sha256 digest of
+    exactly 64 lowercase hex digits: a digest names a file in the store and a URL on the
+    registry, so ``sha256:../../x`` (CVE-2024-37032) or a stray newline never reaches either."""
+    for blob in blobs:
+        if not isinstance(blob, dict) or not isinstance(blob.get("size"), int) or \
+                isinstance(blob["size"], bool) or blob["size"] < 0:
+            raise RegistryError(f"{prefix}a layer has no size")
+        digest = blob.get("digest")
+        if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+            raise RegistryError(f"{prefix}unsupported digest {digest!r} (only sha256 is, as "
+                                f"sha256: and 64 lowercase hex digits)")
+
+
 def parse_manifest(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(manifest, its blobs: layers then config) of a manifest's bytes; RegistryError when it
     is not an Ollama model's manifest."""
@@ -375,19 +739,16 @@ def parse_manifest(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     blobs = list(layers)
     if isinstance(manifest.get("config"), dict) and manifest["config"].get("digest"):
         blobs.append(manifest["config"])
-    for blob in blobs:
-        if not isinstance(blob, dict) or not isinstance(blob.get("size"), int) or \
-                blob["size"] < 0:
-            raise RegistryError("pull model manifest: a layer has no size")
-        try:
-            digest_to_hex(blob.get("digest", ""))
-        except ServiceError:
-            raise RegistryError(f"pull model manifest: unsupported digest "
-                                f"{blob.get('digest')!r} (only sha256 is)") from None
+    check_blob_entries(blobs, "pull model manifest: ")
     if not any(layer.get("mediaType") == MEDIA_PREFIX + "model" for layer in layers):
         raise RegistryError("pull model manifest: no model layer (application/vnd.ollama."
                             "image.model): this is not an Ollama model")
     return manifest, blobs
+
+
+class BlobSizeError(RegistryError):
+    """A registry sent a blob of another size than its manifest gives: never retried, and
+    the partial file goes (it can never become right)."""
 
 
 def _download(client: RegistryClient, store: OllamaStore, blob: dict[str, Any],
@@ -404,6 +765,10 @@ def _download(client: RegistryClient, store: OllamaStore, blob: dict[str, Any],
                 raise Cancelled()
             try:
                 _fetch_range(client, url, partial, transfer)
+            except BlobSizeError:
+                partial.close()
+                partial.path.unlink(missing_ok=True)
+                raise
             except (RegistryError, requests.RequestException) as exc:
                 if isinstance(exc, RegistryError) and not _retriable(exc):
                     raise
@@ -430,9 +795,18 @@ def _retriable(exc: RegistryError) -> bool:
 
 def _fetch_range(client: RegistryClient, url: str, partial: PartialBlob,
                  transfer: Transfer) -> None:
-    """One GET from ``partial.offset`` to the end (or until the connection drops)."""
+    """One GET from ``partial.offset`` to the end (or until the connection drops). Never more
+    than the manifest's size is read; an answer that says (or shows, by a framed end) that the
+    blob has another size raises BlobSizeError."""
     headers = {"Range": f"bytes={partial.offset}-"} if partial.offset else {}
-    resp = client.request("GET", url, headers=headers, stream=True)
+    resp = client.request("GET", url, headers=headers)
+    digest = f"sha256:{partial.hex}"
+
+    def wrong_size(got: str) -> BlobSizeError:
+        return BlobSizeError(f"blob {digest}: the registry sent {got} where the manifest says "
+                             f"{partial.size} bytes: refused, and the partial download "
+                             f"removed (the registry's blob or its manifest is wrong)")
+
     with resp:
         if resp.status_code == 416:  # the partial file is longer than the blob
             partial.restart()
@@ -441,21 +815,34 @@ def _fetch_range(client: RegistryClient, url: str, partial: PartialBlob,
         client.check(resp, 200, 206)
         start = 0
         if resp.status_code == 206:
-            match = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+            match = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)",
+                             resp.headers.get("Content-Range", ""))
             start = int(match.group(1)) if match else -1
+            if match and match.group(3) != "*" and int(match.group(3)) != partial.size:
+                raise wrong_size(f"a blob of {match.group(3)} bytes")
         if start != partial.offset:  # a full answer (no range support): start again
             partial.restart()
             if start != 0:
                 raise RegistryError(f"the registry answered a range request with bytes from "
                                     f"{start}; expected {partial.offset}")
-        for data in resp.iter_content(READ_CHUNK):
-            if transfer.cancel.is_set():
-                raise Cancelled()
-            partial.write(data)
-            transfer.completed = partial.offset
-            if partial.offset > partial.size:
-                break  # commit() reports the mismatch
+        expected = partial.size - partial.offset
+        length = resp.headers.get("Content-Length", "")
+        if _content_coding(resp) is None and length.isdigit() and int(length) != expected:
+            raise wrong_size(f"{partial.offset + int(length)} bytes")
+        try:
+            for data in iter_body(resp, expected):
+                if transfer.cancel.is_set():
+                    raise Cancelled()
+                partial.write(data)
+                transfer.completed = partial.offset
+        except TooLarge:
+            raise wrong_size("more") from None
+        # A cut connection raises above; an answer that ended by its own framing (its
+        # length, or chunked encoding's last chunk) is the whole of what the registry has.
+        framed = bool(getattr(resp.raw, "chunked", False) or length)
     if partial.offset < partial.size:
+        if framed:
+            raise wrong_size(f"{partial.offset} bytes")
         raise RegistryError(f'Get "{url}": unexpected EOF')
 
 
@@ -471,9 +858,14 @@ def pull_model(store: OllamaStore, name: ModelName, settings: RegistrySettings,
         resp = client.check(client.request(
             "GET", remote.url("manifests", remote.tag),
             headers={"Accept": f"{MANIFEST_MEDIA}, {OCI_MANIFEST_MEDIA}"}), 200)
+        with resp:
+            raw = read_body(resp, MANIFEST_CAP)
+    except TooLarge:
+        raise RegistryError(f"pull model manifest: the registry's answer is larger than "
+                            f"{MANIFEST_CAP >> 20} MiB (a manifest is a few KiB): refused") \
+            from None
     except RegistryError as exc:
         raise RegistryError(f"pull model manifest: {exc.message}") from None
-    raw = resp.content
     _, blobs = parse_manifest(raw)
     log.info("pulling %s from %s://%s (%d blobs)", name.short, remote.scheme, remote.host,
              len(blobs))
@@ -577,10 +969,20 @@ def push_model(store: OllamaStore, name: ModelName, settings: RegistrySettings,
     try:
         yield {"status": "retrieving manifest"}
         raw = name.manifest_path(store.manifests_dir).read_bytes()
-        manifest = json.loads(raw)
-        blobs = [*manifest.get("layers", [])]
-        if (manifest.get("config") or {}).get("digest"):
+        try:
+            manifest = json.loads(raw)
+        except ValueError:
+            manifest = None
+        layers = manifest.get("layers") if isinstance(manifest, dict) else None
+        if not isinstance(layers, list):
+            raise RegistryError(f"the manifest of {name.short} is damaged: delete the model "
+                                f"and create or pull it again")
+        blobs = list(layers)
+        if isinstance(manifest.get("config"), dict) and manifest["config"].get("digest"):
             blobs.append(manifest["config"])
+        # Before any request: a digest names the file read and the URL sent to.
+        check_blob_entries(blobs, f"the manifest of {name.short} is damaged (nothing was "
+                                  f"sent; delete the model and create or pull it again): ")
         log.info("pushing %s to %s://%s (%d blobs)", name.short, remote.scheme, remote.host,
                  len(blobs))
         starts = []
@@ -603,5 +1005,6 @@ def push_model(store: OllamaStore, name: ModelName, settings: RegistrySettings,
         client.close()
 
 
-__all__ = ["DigestMismatch", "RegistryError", "RegistrySettings", "Remote", "pull_model",
-           "push_model", "parse_challenge", "parse_manifest"]
+__all__ = ["BlobSizeError", "DigestMismatch", "HostPolicy", "RegistryError", "RegistrySettings",
+           "Remote", "check_blob_entries", "is_internal_address", "pull_model", "push_model",
+           "parse_challenge", "parse_manifest"]

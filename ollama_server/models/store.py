@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tempfile
@@ -43,6 +44,11 @@ _DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
 # Store files are readable by every user, as Ollama writes them: a service (or a container)
 # running as another user reads the store (mkstemp alone would leave them 0600).
 FILE_MODE = 0o644
+# A manifest lists a few layers (Ollama's registry takes 4 MiB at most); a small layer (params,
+# system, template, license, messages) is text. Anything bigger is not read into memory.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_SMALL_LAYER_BYTES = 16 << 20
+SMALL_LAYERS = ("params", "system", "template", "prompt", "license", "messages")
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class ModelName:
 
 def digest_to_hex(digest: str) -> str:
     """``sha256:<hex>`` or ``sha256-<hex>`` → ``<hex>``; InvalidRequest when malformed."""
-    match = _DIGEST.match(digest or "")
+    match = _DIGEST.match(digest) if isinstance(digest, str) else None
     if not match:
         raise InvalidRequest(f"invalid digest {digest!r}", param="digest")
     return match.group(1)
@@ -111,6 +117,105 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class DamagedModel(InvalidRequest):
+    """A model in the store whose files cannot be used (a manifest, layer or blob that is
+    malformed, missing or not what its kind must be); the message names the problem and the
+    way out. Listings leave such a model out; requests for it get this 400."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"model '{name}' is damaged: {problem}; delete it (ollama rm {name}, "
+                         f"or DELETE /api/delete) and pull or create it again", param="model")
+        self.name = name
+        self.problem = problem
+
+
+def check_manifest(manifest: Any) -> list[dict[str, Any]]:
+    """The layers of a parsed manifest; ValueError naming the first field of the wrong shape
+    (the manifest may have been written by anyone)."""
+    if not isinstance(manifest, dict):
+        raise ValueError("the manifest is not a JSON object")
+    layers = manifest.get("layers", [])
+    if not isinstance(layers, list):
+        raise ValueError("the manifest's 'layers' is not a list")
+    config = manifest.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("the manifest's 'config' is not an object")
+    for where, entry in [("'config'", config or {}),
+                         *((f"layer {i}", layer) for i, layer in enumerate(layers))]:
+        if not isinstance(entry, dict):
+            raise ValueError(f"the manifest's {where} is not an object")
+        if where != "'config'" and not isinstance(entry.get("mediaType"), str):
+            raise ValueError(f"the manifest's {where} has no mediaType")
+        digest = entry.get("digest")
+        if (where != "'config'" or digest is not None) and not (
+                isinstance(digest, str) and _DIGEST.match(digest)):
+            raise ValueError(f"the manifest's {where} has an invalid digest "
+                             f"{json.dumps(digest)[:80]}")
+        size = entry.get("size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"the manifest's {where} has an invalid size "
+                             f"{json.dumps(size)[:80]}")
+    return layers
+
+
+# The params a model's params layer may set that the service uses: kind, and the range the
+# engine takes (None: unbounded). Other keys (runner options) are not read, so not checked.
+_PARAM_RULES: dict[str, tuple[str, float | None, float | None]] = {
+    "temperature": ("float", 0, None), "top_p": ("float", 0, 1), "min_p": ("float", 0, 1),
+    "typical_p": ("float", 0, None), "repeat_penalty": ("float", 0, None),
+    "presence_penalty": ("float", None, None), "frequency_penalty": ("float", None, None),
+    "top_k": ("int", None, 2**31 - 1), "repeat_last_n": ("int", -1, 2**31 - 1),
+    "seed": ("int", -(2**63), 2**64 - 1), "num_ctx": ("int", 1, 2**31 - 1),
+    "num_predict": ("int", -2, 2**31 - 1), "stop": ("stop", None, None),
+}
+
+
+def params_problem(params: Any) -> str | None:
+    """Why a params layer (parsed JSON) cannot be used, or None when it can."""
+    if not isinstance(params, dict):
+        return "its params layer is not a JSON object"
+    for key, (kind, low, high) in _PARAM_RULES.items():
+        if key not in params or params[key] is None:
+            continue
+        value = params[key]
+        shown = json.dumps(value)[:80]
+        if kind == "stop":
+            if not (isinstance(value, str) or isinstance(value, list)
+                    and all(isinstance(s, str) for s in value)):
+                return f"its params layer's 'stop' must be a string or a list of strings, " \
+                       f"not {shown}"
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            return f"its params layer's '{key}' must be a number, not {shown}"
+        if kind == "int" and isinstance(value, float) and not value.is_integer():
+            return f"its params layer's '{key}' must be an integer, not {shown}"
+        if low is not None and value < low or high is not None and value > high:
+            bounds = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+            return f"its params layer's '{key}' is {shown}, outside {bounds}"
+    return None
+
+
+def parse_json(data: bytes | str) -> Any:
+    """JSON from a store file; ValueError for anything that is not JSON (nesting too deep for
+    the parser included: a crafted file must not escape as a RecursionError)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
+def manifest_entries(manifest: Any) -> list[dict[str, Any]]:
+    """The config and layer entries of a manifest that name a valid digest, whatever else it
+    holds (for pruning and permissions: a damaged manifest must never stop those)."""
+    if not isinstance(manifest, dict):
+        return []
+    layers = manifest.get("layers")
+    entries = [manifest.get("config"), *(layers if isinstance(layers, list) else [])]
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("digest"), str)
+            and _DIGEST.match(e["digest"])]
 
 
 class DigestMismatch(ServiceError):
@@ -244,24 +349,35 @@ class OllamaStore:
 
     @staticmethod
     def read_manifest(path: Path) -> dict[str, Any]:
-        """Parse one manifest file."""
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        """Parse one manifest file; ValueError when it is not JSON or over
+        MAX_MANIFEST_BYTES (its shape is checked by check_manifest)."""
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"the manifest is over {MAX_MANIFEST_BYTES} bytes")
+        return parse_json(data)
 
     def layer(self, manifest: dict[str, Any], kind: str) -> dict[str, Any] | None:
-        """The first layer of ``kind`` (``model``, ``params``, ``system``…) in a manifest."""
-        for layer in manifest.get("layers", []):
-            if layer.get("mediaType") == MEDIA_PREFIX + kind:
+        """The first layer of ``kind`` (``model``, ``params``, ``system``…) in a manifest
+        (entries that are not objects are passed over)."""
+        layers = manifest.get("layers") if isinstance(manifest, dict) else None
+        for layer in layers if isinstance(layers, list) else []:
+            if isinstance(layer, dict) and layer.get("mediaType") == MEDIA_PREFIX + kind:
                 return layer
         return None
 
     def read_layer_text(self, manifest: dict[str, Any], kind: str) -> str | None:
-        """The text of a small layer (params, system, template, license)."""
+        """The text of a small layer (params, system, template, license); None when it is
+        absent, unreadable, not UTF-8 or over MAX_SMALL_LAYER_BYTES."""
         layer = self.layer(manifest, kind)
         if layer is None:
             return None
         try:
-            return self.blob_path(layer["digest"]).read_text(encoding="utf-8")
+            with open(self.blob_path(layer["digest"]), "rb") as fh:
+                data = fh.read(MAX_SMALL_LAYER_BYTES + 1)
+            if len(data) > MAX_SMALL_LAYER_BYTES:
+                return None
+            return data.decode("utf-8")
         except (OSError, KeyError, InvalidRequest, UnicodeDecodeError):
             return None
 
@@ -342,9 +458,8 @@ class OllamaStore:
     def make_readable(self, manifest_path: Path) -> None:
         """Give a manifest and its blobs FILE_MODE (stores written before files had it)."""
         manifest = self.read_manifest(manifest_path)
-        for path in [manifest_path] + [self.blob_path(entry["digest"]) for entry in
-                                       [manifest.get("config") or {}, *manifest.get("layers", [])]
-                                       if entry.get("digest")]:
+        for path in [manifest_path] + [self.blob_path(entry["digest"])
+                                       for entry in manifest_entries(manifest)]:
             if path.is_file() and path.stat().st_mode & 0o777 != FILE_MODE:
                 path.chmod(FILE_MODE)
 
@@ -356,11 +471,8 @@ class OllamaStore:
                 manifest = self.read_manifest(path)
             except (OSError, ValueError):
                 continue
-            for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
-                try:
-                    used.add(digest_to_hex(entry.get("digest", "")))
-                except InvalidRequest:
-                    continue
+            # A damaged manifest still keeps the blobs it names (its model may be fixed).
+            used.update(digest_to_hex(entry["digest"]) for entry in manifest_entries(manifest))
         return used
 
     def prune(self, manifest: dict[str, Any]) -> int:
@@ -369,11 +481,8 @@ class OllamaStore:
         with self.lock:
             still_used = self.referenced_blobs() | set(self._pins)
             removed = 0
-            for entry in [manifest.get("config") or {}, *manifest.get("layers", [])]:
-                try:
-                    hex_digest = digest_to_hex(entry.get("digest", ""))
-                except InvalidRequest:
-                    continue
+            for entry in manifest_entries(manifest):
+                hex_digest = digest_to_hex(entry["digest"])
                 path = self.blobs_dir / f"sha256-{hex_digest}"
                 if hex_digest not in still_used and path.is_file():
                     path.unlink(missing_ok=True)

@@ -10,6 +10,12 @@ import pytest
 from tests.helpers import free_port
 
 
+@pytest.fixture(autouse=True)
+def loopback_registries_allowed(app):
+    """These tests' registries are closed loopback ports: allowed explicitly (issue 25)."""
+    app.extensions["ollama_server"].config.registry_allow_private = True
+
+
 def lines(resp) -> list[dict]:
     return [json.loads(line) for line in resp.get_data(as_text=True).splitlines() if line]
 

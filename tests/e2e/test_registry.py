@@ -85,11 +85,15 @@ def store_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def svc(tmp_path_factory, store_root, proxy, token_registry, engine_binary):
+def svc(tmp_path_factory, store_root, proxy, tokens, token_registry, engine_binary):
     """The service on its own store; names without a host are pulled through the proxy."""
+    # The registries of these tests are on loopback (allowed explicitly), and credentials only
+    # go to the host they are set for: the token service (another port) has its own entry.
     service = ServiceProcess(tmp_path_factory.mktemp("registry-service"), store_root, extra_env={
         "OLLAMA_SERVER_REGISTRY": proxy.address,
-        "OLLAMA_SERVER_REGISTRY_AUTH": f"{token_registry.address}={USER}:{PASSWORD}",
+        "OLLAMA_SERVER_REGISTRY_AUTH": f"{token_registry.address}={USER}:{PASSWORD},"
+                                       f"127.0.0.1:{tokens.port}={USER}:{PASSWORD}",
+        "OLLAMA_SERVER_REGISTRY_ALLOW_PRIVATE": "true",
         "OLLAMA_SERVER_REGISTRY_CONCURRENCY": "4"})
     service.ready_or_stopped()
     yield service
@@ -272,7 +276,8 @@ def test_bearer_token_flow_with_the_registrys_token_authentication(
     store.copy(name, ModelName.parse(remote))
     refused = tokens.refused
     with pytest.raises(RegistryError) as denied:
-        list(push_model(store, ModelName.parse(remote), RegistrySettings(), insecure=True))
+        list(push_model(store, ModelName.parse(remote), RegistrySettings(allow_private=True),
+                        insecure=True))
     assert denied.value.message.startswith("401: ")
     assert f"set registry_auth for {host} in the service configuration" in denied.value.message
     assert tokens.refused > refused
