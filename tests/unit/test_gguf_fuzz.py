@@ -275,7 +275,7 @@ def structure(draw) -> bytes:
 
 
 def usable(header: GGUFHeader) -> None:
-    """What the model list reads from an accepted header converts (manager._info_from_gguf)."""
+    """What the model list reads from an accepted header converts (catalogue._info_from_gguf)."""
     assert isinstance(header.architecture, str)
     for suffix in ("context_length", "embedding_length", "block_count"):
         assert int(header.arch_value(suffix) or 0) >= 0
