@@ -308,19 +308,41 @@ def fetch_sdist(dest: Path) -> Path:
     return sdist
 
 
-def extract_llama_cpp(sdist: Path, dest: Path) -> Path:
-    """Unpack only ``vendor/llama.cpp`` from the sdist (once); return its folder."""
+def extracted_llama_cpp(dest: Path) -> Path | None:
+    """The ``<dest>/*/vendor/llama.cpp`` folder an earlier run unpacked, if there is one.
+
+    Unpacking is all or nothing (``extract_llama_cpp``), so a folder with its top-level
+    ``CMakeLists.txt`` is whole. A tree put there by hand (a machine with no package index,
+    given the pinned source some other way) is used the same way: the cache is the user's.
+    """
     found = next(dest.glob("*/vendor/llama.cpp"), None)
     if found is not None and (found / "CMakeLists.txt").is_file():
         return found
+    return None
+
+
+def extract_llama_cpp(sdist: Path, dest: Path) -> Path:
+    """Unpack only ``vendor/llama.cpp`` from the sdist (once); return its folder."""
+    found = extracted_llama_cpp(dest)
+    if found is not None:
+        return found
+    # Into a staging folder first, moved into place whole: an unpack that was cut short is
+    # never mistaken for a tree to build from.
+    staging = dest.parent / f".{dest.name}-unpacking"
+    shutil.rmtree(staging, ignore_errors=True)
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name + "/"]
         # The "data" filter (no links or paths out of dest) where this Python has it; Debian
         # 12's own python3 (3.11.2) predates it, and the sdist's sha256 is checked anyway.
         safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(dest, members=members, **safe)
-    found = next(dest.glob("*/vendor/llama.cpp"), None)
-    if found is None or not (found / "CMakeLists.txt").is_file():
+        tar.extractall(staging, members=members, **safe)
+    dest.mkdir(parents=True, exist_ok=True)
+    for top in staging.iterdir() if staging.is_dir() else ():
+        shutil.rmtree(dest / top.name, ignore_errors=True)
+        os.replace(top, dest / top.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    found = extracted_llama_cpp(dest)
+    if found is None:
         raise EngineBuildFailed(f"{sdist.name} holds no vendor/llama.cpp/CMakeLists.txt")
     return found
 
@@ -427,8 +449,14 @@ def compile_tree(plan: BuildPlan, work: Path, jobs: int, logfile: Path) -> Path:
     downloads = cache_root() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    log("[1/5] source: fetching and checking the pinned sdist")
-    src = extract_llama_cpp(fetch_sdist(downloads), work / "src")
+    # A tree already unpacked into the build folder (by a run that stopped before the end, or
+    # put there for a machine without the package index) is built as it is: no download.
+    src = extracted_llama_cpp(work / "src")
+    if src is not None:
+        log(f"[1/5] source: using the unpacked tree {src}")
+    else:
+        log("[1/5] source: fetching and checking the pinned sdist")
+        src = extract_llama_cpp(fetch_sdist(downloads), work / "src")
 
     log("[2/5] configure")
     build_dir = work / "tree"

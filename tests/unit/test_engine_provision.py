@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,88 @@ def test_progress_prints_a_few_lines_not_the_compiler_wall():
         progress.feed(f"[{pct:3d}%] Building C object y.o".encode())
     assert len(make_lines) == 11
 
+
+def fake_sdist(path: Path) -> Path:
+    """A stand-in sdist: ``vendor/llama.cpp`` with a CMakeLists.txt and one source file."""
+    name = f"llama_cpp_python-{engine.SDIST_VERSION}"
+    tree = path.parent / "sdist-src" / name / "vendor" / "llama.cpp"
+    tree.mkdir(parents=True)
+    (tree / "CMakeLists.txt").write_text("project(llama)\n")
+    (tree / "ggml.c").write_text("int x;\n")
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(path.parent / "sdist-src" / name, arcname=name)
+    return path
+
+
+def fake_cmake(calls: list[list[str]]):
+    """run_logged for compile_tree: records each command; the build step makes the binaries."""
+    def run(cmd, logfile, stage, on_line=None, cwd=None):
+        calls.append(cmd)
+        if stage == "compile":
+            out_bin = Path(cmd[cmd.index("--build") + 1]) / "bin"
+            out_bin.mkdir(parents=True, exist_ok=True)
+            for name in engine.TARGETS:
+                (out_bin / name).write_text("#!/bin/sh\n")
+    return run
+
+
+def test_compile_tree_builds_an_unpacked_tree_without_fetching(tmp_path, monkeypatch):
+    """A tree already in <work>/src (an offline machine, a resumed build): no download."""
+    monkeypatch.setenv("OLLAMA_SERVER_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    src = work / "src" / f"llama_cpp_python-{engine.SDIST_VERSION}" / "vendor" / "llama.cpp"
+    src.mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text("project(llama)\n")
+
+    def no_fetch(dest):
+        raise AssertionError("the sdist was fetched although its tree was unpacked")
+
+    monkeypatch.setattr(engine, "fetch_sdist", no_fetch)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(engine, "run_logged", fake_cmake(calls))
+    out_bin = engine.compile_tree(plan(), work, 2, tmp_path / "build.log")
+    assert calls[0][:3] == ["cmake", "-S", str(src)]
+    assert out_bin == work / "tree" / "bin" and (out_bin / engine.BINARY).is_file()
+
+
+def test_compile_tree_fetches_and_unpacks_when_no_tree_is_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("OLLAMA_SERVER_CACHE", str(tmp_path / "cache"))
+    fetched: list[Path] = []
+
+    def fetch(dest):
+        fetched.append(dest)
+        return fake_sdist(tmp_path / engine.SDIST_FILE)
+
+    monkeypatch.setattr(engine, "fetch_sdist", fetch)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(engine, "run_logged", fake_cmake(calls))
+    work = tmp_path / "work"
+    engine.compile_tree(plan(), work, 2, tmp_path / "build.log")
+    src = work / "src" / f"llama_cpp_python-{engine.SDIST_VERSION}" / "vendor" / "llama.cpp"
+    assert fetched and calls[0][:3] == ["cmake", "-S", str(src)]
+    assert (src / "ggml.c").is_file()
+    assert not any(p.name.endswith("-unpacking") for p in work.iterdir())
+
+
+def test_an_unpack_cut_short_is_not_taken_for_a_tree(tmp_path, monkeypatch):
+    """Unpacking stops after CMakeLists.txt (disk full, a kill): the next run must not build
+    the half tree (it would reuse it now that a tree in place means no fetch)."""
+    sdist = fake_sdist(tmp_path / engine.SDIST_FILE)
+    dest = tmp_path / "work" / "src"
+    real = tarfile.TarFile.extractall
+
+    def cut_short(self, path=".", members=None, **kw):
+        members = [m for m in (members or self.getmembers())
+                   if not m.name.endswith("ggml.c")]
+        real(self, path, members=members, **kw)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", cut_short)
+    with pytest.raises(OSError):
+        engine.extract_llama_cpp(sdist, dest)
+    monkeypatch.setattr(tarfile.TarFile, "extractall", real)
+    tree = engine.extract_llama_cpp(sdist, dest)  # the next run: unpacks again, whole
+    assert (tree / "ggml.c").is_file()
 
 def sigill_engine(tmp_path: Path) -> Path:
     """An "engine" that dies like an AMX build on an AMX CPU: killed by SIGILL."""
