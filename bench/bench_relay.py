@@ -39,7 +39,7 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 async def one_stream(port: int, body: bytes) -> int:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
     tokens, tail = 0, b""

@@ -67,6 +67,10 @@ class Config:
     # Browser origins allowed to call the API (glob patterns); Ollama's defaults: local pages
     # and desktop-app schemes. "*" allows every site.
     cors_origins: list[str] = field(default_factory=lambda: list(DEFAULT_CORS_ORIGINS))
+    # Host names (glob patterns, no port) requests may carry besides this machine's own
+    # (localhost, its addresses, *.localhost): the names a reverse proxy passes on. Checked on a
+    # loopback bind (DNS rebinding), and on any bind when set; "*" turns the check off.
+    allowed_hosts: list[str] = field(default_factory=list)
     debug: bool = False
 
     # --- splitting models across GPUs and hosts (issue 10) ------------------------------
@@ -365,7 +369,7 @@ def _coerce(key: str, value: Any, prefix: str = "") -> Any:
             return [str(v) for v in value]
         if key in ("api_keys", "token_limits", "model_settings"):
             return _coerce_mapping(key, value)
-        if key in ("cors_origins", "rpc_servers", "registry_insecure"):
+        if key in ("cors_origins", "rpc_servers", "registry_insecure", "allowed_hosts"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import importlib
 import logging
 import uuid
@@ -24,7 +23,12 @@ from ..models.manager import ModelManager
 from ..reload import ConfigReloader
 from .common import as_service_error, error_response
 from .handlers import Services
-from .security import check_access
+from .security import (
+    check_access,
+    hide_worker_endpoints,
+    origin_allowed,
+    refuse_foreign_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +36,6 @@ log = logging.getLogger(__name__)
 # paths two dialects share, which those modules resolve themselves (API-REFERENCE.md §8).
 BLUEPRINT_MODULES = ["openai", "monitoring"]
 OPTIONAL_BLUEPRINT_MODULES = ["ollama", "claude", "vllm", "tgi", "dashboard", "responses"]
-
-
-def origin_allowed(origin: str, patterns: list[str]) -> bool:
-    """True when a browser ``Origin`` matches one of the allowed glob patterns."""
-    return any(fnmatch.fnmatchcase(origin, pattern) for pattern in patterns)
 
 
 def _register_blueprints(app: Flask) -> None:
@@ -72,6 +71,11 @@ def create_app(config: Config, manager: ModelManager | None = None,
         rid = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         g.request_id = rid
         request_id_var.set(rid)
+        # What a web page may have sent on a user's behalf (DNS rebinding, cross-site
+        # requests) is refused before anything else, preflights included.
+        refused = refuse_foreign_request(app.extensions["ollama_server"].config)
+        if refused is not None:
+            return refused
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return Response(status=204)  # a CORS preflight: headers added in _finish
         # Every route is in security.ROUTE_ACCESS or needs a key. The services' configuration
@@ -97,6 +101,8 @@ def create_app(config: Config, manager: ModelManager | None = None,
                 resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
                     "Access-Control-Request-Headers", "Authorization, Content-Type")
                 resp.headers["Access-Control-Max-Age"] = "600"
+        svc = app.extensions["ollama_server"]
+        hide_worker_endpoints(resp, svc.config, svc.manager.rpc_workers())
         return resp
 
     @app.errorhandler(ServiceError)

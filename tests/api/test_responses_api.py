@@ -119,7 +119,7 @@ def test_sdk_raises_on_mid_stream_error(app, script):
     """The official SDK, over WSGI, turns the mid-stream ``error`` event into an APIError."""
     script.fail_after = 1
     script.mid_error = EngineFailed("llama-server exited with code -9")
-    sdk = openai.OpenAI(base_url="http://test/v1", api_key="x", max_retries=0,
+    sdk = openai.OpenAI(base_url="http://localhost/v1", api_key="x", max_retries=0,
                         http_client=httpx.Client(transport=httpx.WSGITransport(app=app)))
     seen = []
     with pytest.raises(openai.APIError, match="-9"):

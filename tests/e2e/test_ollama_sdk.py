@@ -223,7 +223,7 @@ def test_bad_and_interrupted_uploads_leave_nothing(base_url):
     # An upload that stops half-way: the connection closes before Content-Length bytes.
     url = urlparse(base_url)
     with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall((f"POST /api/blobs/sha256:{good} HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall((f"POST /api/blobs/sha256:{good} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       f"Content-Length: {len(data)}\r\n\r\n").encode() + data[:1000])
         time.sleep(0.3)
     deadline = time.monotonic() + 10

@@ -241,7 +241,7 @@ def test_a_queued_client_that_leaves_is_dropped_from_the_queue(keyed_service):
         body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": 2}).encode()
         url = urlparse(base)
         with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                          b"Content-Type: application/json\r\n"
                          + f"Authorization: Bearer {BOB}\r\n".encode()
                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
