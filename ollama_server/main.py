@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_dir)
-    from .provision.engine import EngineNotFound, resolve_binary
+    from .core.engine.binary import EngineNotFound, resolve_binary
 
     try:
         binary = resolve_binary(config.llama_cpp_path)

@@ -72,7 +72,7 @@ class ConfigReloader:
         if not new.models_path.is_dir():
             raise ConfigError(f"models_dir: the folder {new.models_path} does not exist")
         if new.llama_cpp_path != self.config.llama_cpp_path:
-            from .provision.engine import EngineNotFound, resolve_binary
+            from .core.engine.binary import EngineNotFound, resolve_binary
 
             try:
                 resolve_binary(new.llama_cpp_path)

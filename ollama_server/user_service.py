@@ -44,8 +44,8 @@ def _config(path: str | None) -> Config:
 
 def settings(config: Config) -> dict[str, Any]:
     """What the install script needs to know about a configuration."""
+    from .core.engine.binary import EngineNotFound, resolve_binary
     from .models.manager import ModelManager
-    from .provision.engine import EngineNotFound, resolve_binary
 
     try:
         engine = str(resolve_binary(config.llama_cpp_path))

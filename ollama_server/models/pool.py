@@ -101,7 +101,7 @@ class EnginePool:
         """EngineSettings from the configuration (the binary resolved once), with the
         ``model_settings`` overrides of ``model`` applied."""
         if self._engine_binary is None:
-            from ..provision.engine import resolve_binary
+            from ..core.engine.binary import resolve_binary
 
             self._engine_binary = resolve_binary(self.config.llama_cpp_path)
             self._binary_for = self.config.llama_cpp_path

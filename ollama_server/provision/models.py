@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ..core.engine.binary import cache_root
 from ..models.store import MEDIA_PREFIX, ModelName, OllamaStore
-from .engine import cache_root
 
 
 @dataclass(frozen=True)

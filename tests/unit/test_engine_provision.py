@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ollama_server.core.engine import binary
 from ollama_server.core.exits import REBUILD_COMMAND, describe_exit, signal_name
 from ollama_server.provision import engine
 from ollama_server.provision.smoke import SmokeFailed, smoke_test
@@ -59,7 +60,7 @@ def test_cache_key_changes_with_cpu_features_flags_compiler_and_backend(monkeypa
     assert plan(compiler="cc 13.1").key != base.key
     assert plan(backend="cuda").key != base.key
     assert plan(flavour="portable").key != base.key
-    monkeypatch.setattr(engine, "NO_AMX", ["-mno-amx-tile"])  # flags changed in the code
+    monkeypatch.setattr(binary, "NO_AMX", ["-mno-amx-tile"])  # flags changed in the code
     assert plan().key != base.key
     assert base.key.startswith(f"llama.cpp-{engine.SDIST_VERSION}-cpu-native-x86_64-")
 
