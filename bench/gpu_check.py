@@ -64,7 +64,7 @@ from bench_overhead import (  # noqa: E402
 )
 
 from ollama_server.core.engine import LLAMAExecutor  # noqa: E402
-from ollama_server.core.engine_report import LoadReport  # noqa: E402
+from ollama_server.core.engine.report import LoadReport  # noqa: E402
 
 
 class StepFailed(RuntimeError):

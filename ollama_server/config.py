@@ -296,7 +296,7 @@ MAX_DEVICES = 16  # llama.cpp's LLAMA_MAX_DEVICES
 
 def _check_split_settings(values: dict[str, Any], allow_public: bool, prefix: str) -> None:
     """Validate the splitting keys present in ``values``; ConfigError naming the key."""
-    from .core.workers import EndpointError, check_endpoint, local_gpu_count
+    from .core.engine.rpc import EndpointError, check_endpoint, local_gpu_count
 
     split = values.get("tensor_split")
     if split is not None:

@@ -60,10 +60,10 @@ from prometheus_client import (
 )
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .core.engine.rpc import hello
 from .core.relay import RELAY
 from .core.request_tracker import RequestTracker
 from .core.schemas import RequestState, RequestStatus
-from .core.workers import hello
 
 log = logging.getLogger(__name__)
 

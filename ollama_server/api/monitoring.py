@@ -7,8 +7,8 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
+from ..core.engine.rpc import hello
 from ..core.errors import NotFound
-from ..core.workers import hello
 from ..metrics import CONTENT_TYPE, GpuSnapshot, ServiceMetrics, gpu_snapshot
 from .handlers import services
 

@@ -28,8 +28,8 @@ import socket
 from flask import Response, g, request
 
 from ..config import Config, ConfigError
+from ..core.engine.rpc import is_private_address
 from ..core.errors import AuthenticationError, ServiceError
-from ..core.workers import is_private_address
 from .common import error_response
 
 log = logging.getLogger(__name__)

@@ -58,8 +58,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from ..core.engine.rpc import is_private_address
 from ..core.errors import ServiceError
-from ..core.workers import is_private_address
 from .store import (
     DEFAULT_HOST,
     MANIFEST_MEDIA,

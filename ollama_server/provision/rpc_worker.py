@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from ..core.workers import Endpoint, EndpointError, is_private_address
+from ..core.engine.rpc import Endpoint, EndpointError, is_private_address
 from .engine import EngineNotFound, resolve_binary, rpc_worker_binary
 
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..core.exits import describe_exit
-from ..core.spawn import popen_tied
+from ..core.engine.exits import describe_exit
+from ..core.engine.spawn import popen_tied
 
 
 class SmokeFailed(RuntimeError):

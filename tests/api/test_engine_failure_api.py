@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ollama_server.config import load_config
-from ollama_server.core.exits import REBUILD_COMMAND
+from ollama_server.core.engine.exits import REBUILD_COMMAND
 from ollama_server.core.request_tracker import RequestTracker
 from ollama_server.models.manager import ModelManager
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ollama_server.core.engine import binary
-from ollama_server.core.exits import REBUILD_COMMAND, describe_exit, signal_name
+from ollama_server.core.engine.exits import REBUILD_COMMAND, describe_exit, signal_name
 from ollama_server.provision import engine
 from ollama_server.provision.smoke import SmokeFailed, smoke_test
 

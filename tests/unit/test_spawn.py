@@ -1,4 +1,4 @@
-"""core/spawn.py: a child started with popen_tied dies with the process that started it, and
+"""core/engine/spawn.py: a child started with popen_tied dies with the process that started it, and
 not with the thread that asked for it."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import subprocess
 import sys
 import textwrap
 
-from ollama_server.core.spawn import popen_tied
+from ollama_server.core.engine.spawn import popen_tied
 from tests.helpers import ROOT, pid_alive, wait_for
 
 PARENT = textwrap.dedent("""
     import threading, time
-    from ollama_server.core.spawn import popen_tied
+    from ollama_server.core.engine.spawn import popen_tied
     out = []
     t = threading.Thread(target=lambda: out.append(popen_tied(["sleep", "300"])))
     t.start(); t.join()          # the asking thread is gone before the parent dies

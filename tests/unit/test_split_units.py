@@ -13,15 +13,15 @@ import pytest
 
 from ollama_server.config import ConfigError, load_config
 from ollama_server.core.engine import EngineSettings, LLAMAExecutor
-from ollama_server.core.engine_report import LoadReport
-from ollama_server.core.errors import QueueFull
-from ollama_server.core.workers import (
+from ollama_server.core.engine.report import LoadReport
+from ollama_server.core.engine.rpc import (
     EndpointError,
     check_endpoint,
     hello,
     is_private_address,
     parse_endpoint,
 )
+from ollama_server.core.errors import QueueFull
 from tests.helpers import free_port
 
 # Lines of the pinned llama-server (-lv 4) loading smollm2:135m with -ngl 99 -ts 1,3 over two

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine_report import LoadReport
 from ..errors import EngineFailed, EngineUnavailable, InsufficientMemory, ServiceError
-from ..exits import describe_exit, signal_name
-from ..spawn import popen_tied
+from .exits import describe_exit, signal_name
+from .report import LoadReport
+from .spawn import popen_tied
 from .transport import EngineClient
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class LLAMAExecutor(EngineClient):
 
     def unusable_workers(self, timeout: float = 2.0) -> list[str]:
         """``endpoint: why`` for each configured RPC worker this engine cannot use now."""
-        from ..workers import hello
+        from .rpc import hello
 
         out = []
         for endpoint in self.settings.rpc_servers:
