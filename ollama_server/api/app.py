@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import uuid
 
@@ -21,6 +20,7 @@ from ..logs import isolate_request_context, request_id_var
 from ..metrics import ServiceMetrics
 from ..models.manager import ModelManager
 from ..reload import ConfigReloader
+from . import anthropic, dashboard, monitoring, ollama, openai, responses, tgi, vllm
 from .common import as_service_error, error_response
 from .handlers import Services
 from .security import (
@@ -32,19 +32,10 @@ from .security import (
 
 log = logging.getLogger(__name__)
 
-# One module per dialect (plus monitoring); each exposes ``bp``. Order matters only for
-# paths two dialects share, which those modules resolve themselves (API-REFERENCE.md §8).
-BLUEPRINT_MODULES = ["openai", "monitoring"]
-OPTIONAL_BLUEPRINT_MODULES = ["ollama", "claude", "vllm", "tgi", "dashboard", "responses"]
-
-
-def _register_blueprints(app: Flask) -> None:
-    for name in BLUEPRINT_MODULES:
-        app.register_blueprint(importlib.import_module(f"{__package__}.{name}").bp)
-    for name in OPTIONAL_BLUEPRINT_MODULES:
-        spec = importlib.util.find_spec(f"{__package__}.{name}")
-        if spec is not None:
-            app.register_blueprint(importlib.import_module(f"{__package__}.{name}").bp)
+# One blueprint per dialect, plus monitoring and the dashboard. Order matters only for paths
+# two dialects share, which those modules resolve themselves (API-REFERENCE.md §8).
+BLUEPRINTS = (openai.bp, monitoring.bp, ollama.bp, anthropic.bp, vllm.bp, tgi.bp, dashboard.bp,
+              responses.bp)
 
 
 def create_app(config: Config, manager: ModelManager | None = None,
@@ -64,7 +55,8 @@ def create_app(config: Config, manager: ModelManager | None = None,
     app.extensions["ollama_server_reloader"] = ConfigReloader(app, source)
     # Request ids in logs: one context per request, its streamed body included.
     app.wsgi_app = isolate_request_context(app.wsgi_app)  # type: ignore[method-assign]
-    _register_blueprints(app)
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
 
     @app.before_request
     def _start() -> Response | None:

@@ -82,9 +82,9 @@ def completions() -> Response:
 def list_models() -> Response:
     """Every model, as OpenAI model objects (Anthropic's page with ``anthropic-version``)."""
     if request.headers.get("anthropic-version"):
-        from ..adapters import claude
+        from ..adapters import anthropic
 
-        return jsonify(claude.anthropic_models_page(services().manager.list_models(),
+        return jsonify(anthropic.anthropic_models_page(services().manager.list_models(),
                                                     request.args))
     return jsonify({"object": "list",
                     "data": [oa.model_card(m) for m in services().manager.list_models()]})
@@ -94,9 +94,9 @@ def list_models() -> Response:
 def get_model(model_id: str) -> Response:
     """One model object (404 model_not_found when unknown)."""
     if request.headers.get("anthropic-version"):
-        from ..adapters import claude
+        from ..adapters import anthropic
 
-        return jsonify(claude.anthropic_model(services().manager.resolve(model_id)))
+        return jsonify(anthropic.anthropic_model(services().manager.resolve(model_id)))
     return jsonify(oa.model_card(services().manager.resolve(model_id)))
 
 

@@ -2,7 +2,7 @@
 
 Requests: ``anthropic_messages_to_internal`` (``/v1/messages`` and, with
 ``require_max_tokens=False``, ``/v1/messages/count_tokens``). Answers:
-``internal_to_anthropic_message`` (non-streamed body) and ``ClaudeStream``, the stream
+``internal_to_anthropic_message`` (non-streamed body) and ``AnthropicStream``, the stream
 converter (``process(event) -> [(event name, data)]``). Models: ``anthropic_model`` and
 ``anthropic_models_page``. Errors: ``anthropic_error``.
 
@@ -493,7 +493,7 @@ def internal_to_anthropic_message(result: Any, model: str, message_id: str | Non
 Frame = tuple[str, dict[str, Any]]
 
 
-class ClaudeStream:
+class AnthropicStream:
     """Internal events → Anthropic stream events ``(event name, data)``, with the stream's state.
 
     Order: ``message_start``; per content block ``content_block_start`` (the first one followed

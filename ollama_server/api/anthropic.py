@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from flask import Blueprint, Response, jsonify
 
-from ..adapters import claude as ca
+from ..adapters import anthropic as an
 from .common import (
     as_service_error,
     json_body,
@@ -28,11 +28,11 @@ from .handlers import (
     with_engine,
 )
 
-bp = Blueprint("claude", __name__)
-register_error_formatter("anthropic", ca.anthropic_error)
+bp = Blueprint("anthropic", __name__)
+register_error_formatter("anthropic", an.anthropic_error)
 
 
-def claude_frames(gen: Generation, converter: ca.ClaudeStream) -> Iterator[str]:
+def anthropic_frames(gen: Generation, converter: an.AnthropicStream) -> Iterator[str]:
     """SSE frames (``event:`` + ``data:``) of ``gen``; a failure mid-stream is ``event: error``."""
     try:
         # message_start goes out with the first engine event (the prompt size), not before.
@@ -48,23 +48,23 @@ def claude_frames(gen: Generation, converter: ca.ClaudeStream) -> Iterator[str]:
 def messages() -> Response:
     """Create a message, streamed (SSE events) or not."""
     body = json_body()
-    req = ca.anthropic_messages_to_internal(body)
-    message_id = ca.new_message_id()
+    req = an.anthropic_messages_to_internal(body)
+    message_id = an.new_message_id()
     gen = start_generation(req, "/v1/messages")
     model = body["model"]
     if req.stream:
-        converter = ca.ClaudeStream(model, message_id)
-        return stream_response(claude_frames(gen, converter), "text/event-stream",
+        converter = an.AnthropicStream(model, message_id)
+        return stream_response(anthropic_frames(gen, converter), "text/event-stream",
                                on_close=gen.close, headers={"X-Request-Id": gen.request_id})
     result = gen.collect()
-    return jsonify(ca.internal_to_anthropic_message(result, model, message_id))
+    return jsonify(an.internal_to_anthropic_message(result, model, message_id))
 
 
 @bp.post("/v1/messages/count_tokens")
 def count_tokens() -> Response:
     """``{input_tokens}``: the model's tokenizer over the prompt the engine would build."""
     body = json_body()
-    req = ca.anthropic_messages_to_internal(body, require_max_tokens=False)
+    req = an.anthropic_messages_to_internal(body, require_max_tokens=False)
     with with_engine(req.model, template_of=req) as (engine, info):
         apply_model_defaults(req, info)  # the model's system prompt is part of what it sees
         fit_tools_to_template(req, info)  # and the tools, as generation would give them

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ollama_server.adapters.claude import (
-    ClaudeStream,
+from ollama_server.adapters.anthropic import (
+    AnthropicStream,
     anthropic_error,
     anthropic_messages_to_internal,
     anthropic_model,
@@ -245,7 +245,7 @@ def test_invalid_requests(change, param):
 # --- stream event sequences ------------------------------------------------------------------
 
 def run(events, **kw):
-    conv = ClaudeStream("m", "msg_1", **kw)
+    conv = AnthropicStream("m", "msg_1", **kw)
     frames = conv.start()
     for e in events:
         frames += conv.process(e)
@@ -355,13 +355,13 @@ def test_empty_answer_has_no_blocks():
 
 
 def test_events_after_finish_are_ignored():
-    conv = ClaudeStream("m")
+    conv = AnthropicStream("m")
     conv.process(Finish("stop", USAGE))
     assert conv.process(TextDelta("late")) == []
 
 
 def test_mid_stream_error():
-    conv = ClaudeStream("m")
+    conv = AnthropicStream("m")
     frames = conv.start() + conv.process(TextDelta("partial"))
     frames += conv.error(Overloaded("engine busy"))
     assert names(frames)[-1] == "error"
