@@ -143,8 +143,10 @@ setup: venv engine models
 run: setup
 	$(VPY) -m ollama_server.main --model-dir $(MODELS) --host $(HOST) --port $(PORT)
 
+# ruff, and the import contracts of pyproject.toml (layers, dialects that stand alone).
 lint: venv
 	$(VPY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup browser registry lint container-tools base-image
 	$(VPY) -m pytest $(PYTEST_ARGS)
