@@ -8,6 +8,10 @@ converter (``process(event) -> [(event name, data)]``). Models: ``anthropic_mode
 
 The shapes follow anthropics/anthropic-sdk-python (types/*, lib/streaming/_messages.py) and
 ollama/ollama's anthropic/anthropic.go; see API-REFERENCE.md §4.
+
+Why one module of about 700 lines: it is one wire format, request to stream, as STYLE.md asks
+(a dialect is one pure translation package); its size is the Messages API's (content blocks,
+tools, thinking, documents, count_tokens, the stream's event order, errors).
 """
 
 from __future__ import annotations

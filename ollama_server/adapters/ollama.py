@@ -9,6 +9,10 @@ Requests: ``ollama_generate_to_internal``, ``ollama_chat_to_internal``, ``apply_
 
 Durations are nanoseconds measured by the engine (prompt and decode) and by the service
 (load, total); times are RFC 3339 (API-REFERENCE.md §3).
+
+Why one module of about 700 lines: it is one wire format (generate, chat, embed, the model
+bodies of tags/show/ps, errors); what is not wire, Modelfiles, Go templates and durations, is
+``models.modelfile``.
 """
 
 from __future__ import annotations

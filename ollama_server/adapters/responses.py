@@ -3,8 +3,11 @@
 Requests: ``responses_to_internal`` (plus ``response_envelope``, the request fields every
 response object echoes). Answers: ``internal_to_response`` (a collected Result → the response
 object) and the stream converter ``ResponsesStream`` (``process(event) -> [(type, data)]``).
-Errors before the first byte use ``adapters.openai.openai_error``; after it,
+Errors before the first byte use ``openai_fields.openai_error``; after it,
 ``ResponsesStream.error``.
+
+Why one module of about 600 lines: one wire format, request to stream (items, tools,
+reasoning, the stream's typed events), as STYLE.md asks of a dialect.
 """
 
 from __future__ import annotations
