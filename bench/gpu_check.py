@@ -33,7 +33,6 @@ bench/gpu_check.sh drives this on the GPU machine (build first) and in a CPU dry
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -65,6 +64,7 @@ from bench_overhead import (  # noqa: E402
 
 from ollama_server.core.engine import LLAMAExecutor  # noqa: E402
 from ollama_server.core.engine.report import LoadReport  # noqa: E402
+from ollama_server.provision.smoke import local_request  # noqa: E402
 
 
 class StepFailed(RuntimeError):
@@ -398,18 +398,7 @@ class Checker:
 
 def request(port: int, method: str, path: str, body: Any = None,
             timeout: float = 30) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        raw = resp.read()
-        try:
-            return resp.status, json.loads(raw) if raw else {}
-        except ValueError:
-            return resp.status, raw.decode(errors="replace")
-    finally:
-        conn.close()
+    return local_request(port, method, path, body, timeout)
 
 
 def rounded(summary: dict) -> dict:

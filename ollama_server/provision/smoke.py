@@ -71,8 +71,9 @@ class _Child:
         self.out.close()
 
 
-def _request(port: int, method: str, path: str, body: Any = None,
-             timeout: float = 60) -> tuple[int, Any]:
+def local_request(port: int, method: str, path: str, body: Any = None,
+                  timeout: float = 60) -> tuple[int, Any]:
+    """(status, JSON or text) of one request to a server on 127.0.0.1:``port``."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=None if body is None else json.dumps(body),
@@ -92,7 +93,7 @@ def _wait_ready(child: _Child, port: int, timeout: float) -> None:
     while True:
         child.check("loading the model")
         try:
-            status, _ = _request(port, "GET", "/health", timeout=2)
+            status, _ = local_request(port, "GET", "/health", timeout=2)
             if status == 200:
                 return
         except (OSError, http.client.HTTPException):
@@ -105,7 +106,7 @@ def _wait_ready(child: _Child, port: int, timeout: float) -> None:
 
 def _call(child: _Child, port: int, step: str, path: str, body: Any) -> Any:
     try:
-        status, out = _request(port, "POST", path, body)
+        status, out = local_request(port, "POST", path, body)
     except (OSError, http.client.HTTPException) as exc:
         time.sleep(0.2)
         child.check(step)
