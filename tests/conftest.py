@@ -1,4 +1,4 @@
-"""Fixtures for the four test layers (see ARCHITECTURE.md, Tests)."""
+"""Fixtures for the test layers (unit, api, engine, e2e, deploy, security): README, Tests."""
 
 from __future__ import annotations
 
