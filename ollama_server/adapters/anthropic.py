@@ -397,6 +397,7 @@ def anthropic_messages_to_internal(body: dict[str, Any], require_max_tokens: boo
         raise InvalidRequest("stop_sequences: Input should be a valid list",
                              param="stop_sequences")
     req.stop = get_stop(body, "stop_sequences")
+    req.wants_context_full = True  # stop_reason model_context_window_exceeded
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("stream: must be a boolean", param="stream")

@@ -86,6 +86,9 @@ class InternalRequest:
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     ignore_eos: bool = False
     logit_bias: dict[int, float] | None = None
+    # Whether the caller tells a full context window from a token limit (Anthropic's
+    # model_context_window_exceeded): the engine then reports it at the end (verbose).
+    wants_context_full: bool = False
 
     stream: bool = False
     json_schema: dict[str, Any] | None = None  # {} means "any JSON object"

@@ -262,3 +262,15 @@ def test_an_engine_out_of_memory_is_named_so_even_when_its_log_is_read_late(tmp_
     assert engine.state == EngineState.FAILED
     assert err.value.message.startswith("model requires more system memory (350.0 GiB more "
                                         "for big with a context of 16000000)")
+
+
+def test_the_engine_is_asked_for_its_verbose_end_only_when_a_caller_needs_it():
+    """The verbose last chunk repeats the whole answer; it is asked for only to tell which stop
+    string matched or whether the context filled up (Anthropic's stop reasons)."""
+    plain = InternalRequest(model="m", messages=[Message("user", "hi")])
+    assert "verbose" not in build_chat_payload(plain)
+    stops = InternalRequest(model="m", messages=[Message("user", "hi")], stop=["END"])
+    assert build_chat_payload(stops)["verbose"] is True
+    anthropic = InternalRequest(model="m", messages=[Message("user", "hi")],
+                                wants_context_full=True)
+    assert build_chat_payload(anthropic)["verbose"] is True

@@ -68,13 +68,16 @@ def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
         "messages": [message_to_engine(m) for m in req.messages or []],
         "stream": True,
         "stream_options": {"include_usage": True},
-        "verbose": True,  # the last chunk then says which stop string matched
         # The prompt's size (and how much came from the cache) arrives before the first
         # token; per-token timings would double the size of every token's chunk.
         "return_progress": True,
         "cache_prompt": True,
         "reasoning_format": "none",  # <think> splitting is ours (utils.response_processing)
     }
+    if req.stop or req.wants_context_full:
+        # The last chunk then says which stop string matched and whether the context filled
+        # up; it also repeats the whole answer, so it is asked for only when needed.
+        payload["verbose"] = True
     payload.update(_sampling_fields(req))
     if req.tools:
         tools = req.tools
