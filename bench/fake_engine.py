@@ -203,6 +203,9 @@ async def main_async(port: int, model: str) -> None:
     ticker = asyncio.create_task(CLOCK.run())
     server = await asyncio.start_server(lambda r, w: handle(r, w, model), "127.0.0.1", port,
                                         backlog=1024)
+    # llama-server's own last line of loading, which the service waits for before it takes
+    # the engine for ready (its load report is then whole).
+    print("srv  llama_server: model loaded", file=sys.stderr, flush=True)
     async with server:
         try:
             await server.serve_forever()

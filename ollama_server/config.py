@@ -80,8 +80,14 @@ class Config:
     allow_public_rpc: bool = False  # workers have no authentication: private addresses only
     main_gpu: int | None = None  # --main-gpu
     fit_target_mib: int | None = None  # --fit-target: MiB --fit leaves free on each device
+    # The KV cache's number type: f16 (llama.cpp's default), bf16, q8_0 (about half the
+    # memory), q4_0 (about a quarter)... A quantised V cache needs flash attention. Ollama's
+    # OLLAMA_KV_CACHE_TYPE is read too.
+    kv_cache_type: str = "f16"
+    # Flash attention: auto (llama.cpp decides per device), on, off (OLLAMA_FLASH_ATTENTION).
+    flash_attention: str = "auto"
     # Per-model overrides of rpc_servers, tensor_split, gpu_layers, main_gpu, fit_target_mib,
-    # parallel:
+    # parallel, kv_cache_type, flash_attention:
     # {"big-model:70b": {"rpc_servers": [...], "tensor_split": "1,1,2"}}.
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -187,6 +193,9 @@ class Config:
             if values.get("parallel", 1) < 1:
                 raise ConfigError(f"{prefix}parallel must be at least 1, got {values['parallel']}")
             _check_split_settings(values, self.allow_public_rpc, prefix)
+            _check_kv_cache({"kv_cache_type": values.get("kv_cache_type", self.kv_cache_type),
+                             "flash_attention": values.get("flash_attention",
+                                                           self.flash_attention)}, prefix)
             checked[model] = values
         self.model_settings = checked
         for key in ("max_queue", "max_requests_per_key"):
@@ -290,7 +299,10 @@ def _check_token_limits(limits: dict[str, dict[str, int]]) -> None:
 
 
 MODEL_SETTING_KEYS = ("rpc_servers", "tensor_split", "gpu_layers", "main_gpu", "fit_target_mib",
-                      "parallel")
+                      "parallel", "kv_cache_type", "flash_attention")
+# What llama-server's --cache-type-k/-v take; the quantised ones need flash attention for V.
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+FLASH_ATTENTION = ("auto", "on", "off")
 MAX_DEVICES = 16  # llama.cpp's LLAMA_MAX_DEVICES
 
 
@@ -319,6 +331,31 @@ def _check_split_settings(values: dict[str, Any], allow_public: bool, prefix: st
         value = values.get(key)
         if value is not None and value < 0:
             raise ConfigError(f"{prefix}{key} must be 0 or more, got {value}")
+    _check_kv_cache(values, prefix)
+
+
+def _check_kv_cache(values: dict[str, Any], prefix: str) -> None:
+    """kv_cache_type and flash_attention, normalised in ``values``; a quantised cache with
+    flash attention off is refused (llama.cpp cannot quantise the V cache without it)."""
+    kv = values.get("kv_cache_type")
+    if kv is not None:
+        kv = values["kv_cache_type"] = str(kv).strip().lower()
+        if kv not in KV_CACHE_TYPES:
+            raise ConfigError(f"{prefix}kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}"
+                              f", got {kv!r}")
+    fa = values.get("flash_attention")
+    if fa is not None:
+        fa = str(fa).strip().lower()
+        fa = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off",
+              "no": "off"}.get(fa, fa)
+        if fa not in FLASH_ATTENTION:
+            raise ConfigError(f"{prefix}flash_attention must be auto, on or off, got "
+                              f"{values['flash_attention']!r}")
+        values["flash_attention"] = fa
+    if kv and kv not in ("f32", "f16", "bf16") and fa == "off":
+        raise ConfigError(f"{prefix}kv_cache_type {kv} needs flash attention, which "
+                          f"{prefix}flash_attention turns off: set it to auto or on, or use "
+                          f"kv_cache_type f16")
 
 
 def _abs(path: str) -> Path:
@@ -494,6 +531,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         values["models_dir"] = environ["OLLAMA_MODELS"]
     if environ.get("OLLAMA_MAX_QUEUE") and ENV_PREFIX + "MAX_QUEUE" not in environ:
         values["max_queue"] = _coerce("max_queue", environ["OLLAMA_MAX_QUEUE"])
+    for ours, theirs in (("kv_cache_type", "OLLAMA_KV_CACHE_TYPE"),
+                         ("flash_attention", "OLLAMA_FLASH_ATTENTION")):
+        if environ.get(theirs) and ENV_PREFIX + ours.upper() not in environ:
+            values[ours] = environ[theirs]
     if environ.get("OLLAMA_ORIGINS"):  # Ollama's variable adds to the allowed origins
         values["cors_origins"] = [*values.get("cors_origins", DEFAULT_CORS_ORIGINS),
                                   *_coerce("cors_origins", environ["OLLAMA_ORIGINS"])]

@@ -670,6 +670,11 @@ def ps_entry(entry: Any, now_wall: float, now_mono: float) -> dict[str, Any]:
     if report is not None:
         out["devices"] = report.devices()
         out["offload"] = report.offload()
+    settings = getattr(getattr(entry, "engine", None), "settings", None)
+    if settings is not None and hasattr(settings, "kv_cache_type"):
+        # Ours, like devices: the KV cache's number type and flash attention it runs with.
+        out["kv_cache_type"] = settings.kv_cache_type
+        out["flash_attention"] = settings.flash_attention
     return out
 
 

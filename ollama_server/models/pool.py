@@ -114,6 +114,8 @@ class EnginePool:
                               rpc_servers=list(over.get("rpc_servers", c.rpc_servers)),
                               main_gpu=over.get("main_gpu", c.main_gpu),
                               fit_target_mib=over.get("fit_target_mib", c.fit_target_mib),
+                              kv_cache_type=over.get("kv_cache_type", c.kv_cache_type),
+                              flash_attention=over.get("flash_attention", c.flash_attention),
                               parallel=self.parallel_for(model) if model else c.parallel,
                               embeddings=c.embeddings,
                               startup_timeout=c.startup_timeout,

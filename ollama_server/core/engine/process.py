@@ -86,6 +86,8 @@ class EngineSettings:
     rpc_servers: list[str] = field(default_factory=list)  # llama.cpp RPC workers, host:port
     main_gpu: int | None = None
     fit_target_mib: int | None = None  # --fit-target (MiB --fit leaves free per device)
+    kv_cache_type: str = "f16"  # --cache-type-k/-v (q8_0, q4_0...: less memory per token)
+    flash_attention: str = "auto"  # -fa: auto, on, off
     parallel: int = 4  # slots that decode together (continuous batching)
     embeddings: bool = True  # also serve /v1/embeddings from the same process
     startup_timeout: float = 300.0
@@ -133,6 +135,9 @@ class LLAMAExecutor(EngineClient):
         self._stderr: collections.deque[str] = collections.deque(maxlen=400)
         self._errors: collections.deque[str] = collections.deque(maxlen=20)
         self._reader: threading.Thread | None = None
+        # Set once the log reader has taken the engine's "model loaded" line, the last of
+        # what LoadReport reads: ready is not declared before the report is whole.
+        self._loaded_line = threading.Event()
         self.port: int | None = None
         self.started_at: float | None = None
         self.restarts = 0  # starts after the first one (crash recovery, context changes)
@@ -184,6 +189,13 @@ class LLAMAExecutor(EngineClient):
             cmd += ["--main-gpu", str(s.main_gpu)]
         if s.fit_target_mib is not None:
             cmd += ["--fit-target", str(s.fit_target_mib)]
+        if s.kv_cache_type != "f16":
+            cmd += ["--cache-type-k", s.kv_cache_type, "--cache-type-v", s.kv_cache_type]
+        flash = s.flash_attention
+        if flash == "auto" and s.kv_cache_type not in ("f16", "f32", "bf16"):
+            flash = "on"  # a quantised V cache needs it; "auto" may decide against it
+        if flash != "auto":
+            cmd += ["-fa", flash]
         if s.embeddings:
             cmd += ["--embeddings", "--pooling", self.pooling or "mean"]
         if self.projector is not None:
@@ -240,6 +252,8 @@ class LLAMAExecutor(EngineClient):
             line = line.rstrip()
             if self._state == EngineState.STARTING:
                 self.report.feed(line)
+                if "model loaded" in line:
+                    self._loaded_line.set()
             if _error_word_in(line):
                 self._errors.append(line)
             log.debug("[%s] %s", self.name, line)
@@ -360,6 +374,7 @@ class LLAMAExecutor(EngineClient):
                  self.ctx_size, " ".join(cmd))
         self._stderr.clear()
         self._errors.clear()
+        self._loaded_line.clear()
         self.report = LoadReport()
         self._state = EngineState.STARTING
         try:
@@ -398,6 +413,12 @@ class LLAMAExecutor(EngineClient):
                                    f"{self.stderr_tail() or 'nothing'}")
             status = self._health(port)
             if status == 200:
+                # The engine answers before its log reader may have read what it said about
+                # its devices and buffers (a loaded machine): /api/ps would miss them.
+                if not self._loaded_line.wait(timeout=LOG_DRAIN_TIMEOUT_S):
+                    log.warning("llama-server for %s is up, but its log did not say "
+                                "'model loaded' within %.0fs: its device report may be "
+                                "incomplete", self.name, LOG_DRAIN_TIMEOUT_S)
                 break
             if time.monotonic() > deadline:
                 self._kill(proc)
