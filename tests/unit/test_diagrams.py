@@ -5,7 +5,7 @@ Each ``images/*.puml`` marks the names it takes from this repository as monospac
 marked name is looked up by its shape:
 
 - ``POST /v1/chat/completions`` or ``/health``: a route of ``create_app()`` (method and path);
-- ``core/executor.py``, ``api/``, ``Containerfile``: a file or folder under ``ollama_server/``
+- ``core/engine/process.py``, ``api/``, ``Containerfile``: a file or folder under ``ollama_server/``
   or the repository root;
 - ``ollama_server.main``: an importable module;
 - ``LLAMAExecutor``: a class (or module-level name) defined in the package;
@@ -62,7 +62,7 @@ class ClassDef:
     """A class of the package, as its source defines it."""
 
     name: str
-    module: str  # path relative to ollama_server/, e.g. core/executor.py
+    module: str  # path relative to ollama_server/, e.g. core/engine/process.py
     bases: list[str]
     members: set[str]
     source: str
@@ -453,7 +453,7 @@ x -> x : calls ""LLAMAExecutor.no_such_method()""
 x -> x : ""POST /v1/no/such/route"" and ""DELETE /v1/chat/completions""
 note right: ""core/no_such_module.py"" ""no_such_config_key"" ""ollama_server.nope""
 note left: ""no_such_function()"" ""handlers.no_such_thing()"" ""what is this?""
-package "core/executor.py" {
+package "core/engine/process.py" {
   class ModelManager {
     resolve()
   }
@@ -482,7 +482,7 @@ def test_checker_finds_every_made_up_name(index):
                    "DELETE /v1/chat/completions", "core/no_such_module.py",
                    "no_such_config_key", "ollama_server.nope", "no_such_function",
                    "no_such_thing", "what is this?",
-                   "ModelManager is not defined in core/executor.py",
+                   "ModelManager is not defined in core/engine/process.py",
                    "no member 'no_such_member'", "Finish does not derive from Usage",
                    "RequestState --> Tool"]:
         assert needle in text, f"the checker missed {needle!r}; it found:\n{text}"
@@ -490,7 +490,7 @@ def test_checker_finds_every_made_up_name(index):
 
 def test_checker_accepts_real_names(index):
     real = ['""POST /v1/chat/completions""', '""/api/progress/<request_id>""',
-            '""GET /v1/models/smollm2:135m""', '""core/executor.py""', '""api/""',
+            '""GET /v1/models/smollm2:135m""', '""core/engine/process.py""', '""api/""',
             '""Containerfile""', '""systemd/llm-inference.service""', '""ollama_server.main""',
             '""LLAMAExecutor""', '""LLAMAExecutor.ensure_ready()""', '""QueueFull.status""',
             '""start_generation()""', '""handlers.start_generation()""', '""keep_alive""',
