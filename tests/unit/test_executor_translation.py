@@ -274,3 +274,69 @@ def test_the_engine_is_asked_for_its_verbose_end_only_when_a_caller_needs_it():
     anthropic = InternalRequest(model="m", messages=[Message("user", "hi")],
                                 wants_context_full=True)
     assert build_chat_payload(anthropic)["verbose"] is True
+
+
+_TICKING_ENGINE = '''\
+import http.server, sys, threading, time
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b'{"status":"ok"}')
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Health)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+print("srv  llama_server: model loaded", file=sys.stderr, flush=True)
+tick = 0
+while True:
+    tick += 1
+    print(f"tick {tick}", file=sys.stderr, flush=True)
+    time.sleep(0.02)
+'''
+
+
+def test_a_stopped_engines_log_reader_never_reads_the_next_engines_log(tmp_path):
+    """A stopped engine's log reader may still be between two reads. Its pipe, closed under it,
+    freed the descriptor number for the next engine's pipe, and the old reader went on reading
+    there: the new engine's lines went to the wrong engine or were lost (on CI: a restarted
+    engine without its KV cache and 'model loaded' lines). The reader closes its own pipe."""
+    import stat
+    import sys
+    import threading
+
+    script = tmp_path / "ticking.py"
+    script.write_text(_TICKING_ENGINE)
+    binary = tmp_path / "llama-server"
+    binary.write_text(f"#!/bin/sh\nexec {sys.executable} {script} \"$@\"\n")
+    binary.chmod(binary.stat().st_mode | stat.S_IEXEC)
+    settings = EngineSettings(binary=binary, parallel=1)
+    first = LLAMAExecutor(tmp_path / "a.gguf", settings, 512, name="first")
+    second = LLAMAExecutor(tmp_path / "b.gguf", settings, 512, name="second")
+    held, release = threading.Event(), threading.Event()
+    take = LLAMAExecutor._take_lines
+    try:
+        first.ensure_ready()
+
+        def hold_once(block, each):  # the first reader, caught between two reads
+            take(first, block, each)
+            if not held.is_set():
+                held.set()
+                release.wait(10)
+
+        first._take_lines = hold_once
+        assert held.wait(10)
+        first.stop()
+        second.ensure_ready()
+        release.set()
+        time.sleep(1.0)  # the first reader's next read, then a few dozen of the second's ticks
+        ticks = [int(line.split()[1]) for line in second._stderr if line.startswith("tick ")]
+        assert len(ticks) > 10
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), "lines lost"
+        # The first reader ended at its own pipe's end.
+        assert first._reader is not None
+        first._reader.join(5)
+        assert not first._reader.is_alive()
+    finally:
+        release.set()
+        first.stop()
+        second.stop()

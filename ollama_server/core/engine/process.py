@@ -216,7 +216,15 @@ class LLAMAExecutor(EngineClient):
         and a block with no error word, read after the engine is up and with debug logging
         off, costs a decode, a split and a search for the error words, all in C."""
         assert proc.stderr is not None
-        fd = proc.stderr.fileno()
+        # This thread owns the pipe and closes it at its end, never another thread: a pipe
+        # closed under a reader that is between two reads frees its descriptor number, the
+        # next engine's pipe gets that number, and the old reader then reads the new engine's
+        # log, lines lost from both (seen: a restarted engine's load report without its KV
+        # cache and "model loaded" lines).
+        with proc.stderr:
+            self._read_blocks(proc.stderr.fileno())
+
+    def _read_blocks(self, fd: int) -> None:
         pending = b""
         while True:
             try:
@@ -509,12 +517,8 @@ class LLAMAExecutor(EngineClient):
 
     @staticmethod
     def _reap(proc: subprocess.Popen) -> None:
+        """Wait for ``proc``'s exit. Its stderr pipe is left to its log reader to close."""
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        if proc.stderr is not None:
-            try:
-                proc.stderr.close()
-            except OSError:
-                pass
