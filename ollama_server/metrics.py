@@ -104,6 +104,7 @@ class ServiceMetrics:
         disable_created_metrics()
         self.tracker = tracker
         self.manager = manager
+        self.relayed_by_workers = 0  # streams the engine pool's workers relayed (several)
         self.registry = registry or CollectorRegistry()
         r = self.registry
         by_model = ["dialect", "model"]
@@ -330,7 +331,8 @@ class _LiveCollector:
         yield from queue_metrics(m.manager)
         yield CounterMetricFamily("ollama_server_relay_streams",
                                   "Streams relayed by the relay thread after their first token "
-                                  "(relay_thread)", value=RELAY.streams)
+                                  "(relay_thread)",
+                                  value=RELAY.streams + m.relayed_by_workers)
 
         loaded_g = GaugeMetricFamily("ollama_server_models_loaded", "Models with an engine")
         loaded_g.add_metric([], len(loaded))

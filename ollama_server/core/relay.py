@@ -112,6 +112,9 @@ class Relay:
         self._deadlines: dict[greenlet.greenlet, float] = {}  # of waits with a timeout
         self._jobs: dict[greenlet.greenlet, _Job] = {}
         self.streams = 0  # streams handed over so far
+        # Called on the request thread as each stream is handed over (a worker of several
+        # tells the engine pool, whose /metrics counts every worker's).
+        self.on_stream: Callable[[], None] | None = None
 
     # --- the request thread's side -------------------------------------------------------
 
@@ -119,6 +122,8 @@ class Relay:
                    chunked: bool) -> None:
         """Relay the rest of ``frames`` to ``sock`` from the relay thread; return when done."""
         job = _Job(frames, sock, chunked, contextvars.copy_context())
+        if self.on_stream is not None:
+            self.on_stream()
         self._post(job)
         while True:
             item = job.calls.get()

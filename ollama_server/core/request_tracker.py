@@ -49,15 +49,20 @@ class RequestTracker:
         With ``caller_limit`` > 0, RateLimited when ``caller`` (an API key's name) already has
         that many requests active; the check and the registration are one step.
         """
-        status = RequestStatus(id=request_id, model=model, dialect=dialect, endpoint=endpoint,
-                               stream=stream, max_tokens=max_tokens, caller=caller)
+        return self.adopt(RequestStatus(id=request_id, model=model, dialect=dialect,
+                                        endpoint=endpoint, stream=stream, max_tokens=max_tokens,
+                                        caller=caller), caller_limit)
+
+    def adopt(self, status: RequestStatus, caller_limit: int = 0) -> threading.Event:
+        """Register ``status`` as it is (start(), or a request another process started)."""
         cancel = threading.Event()
+        caller = status.caller
         with self._lock:
             refused = caller is not None and caller_limit > 0 and sum(
                 1 for s in self._active.values() if s.caller == caller) >= caller_limit
             if not refused:
-                self._active[request_id] = status
-                self._cancel[request_id] = cancel
+                self._active[status.id] = status
+                self._cancel[status.id] = cancel
                 self.totals["requests"] += 1
         if refused:
             self._notify("refused", status)
@@ -65,6 +70,22 @@ class RequestTracker:
                               f"in flight (max_requests_per_key); wait for one to finish")
         self._notify("start", status)
         return cancel
+
+    def mirror(self, request_id: str, **fields: object) -> None:
+        """Take values another process measured for an active request (its state, prompt
+        size, tokens so far, first token time): a first token time set here counts as the
+        request's first token."""
+        first = None
+        with self._lock:
+            status = self._active.get(request_id)
+            if status is None:
+                return
+            if fields.get("first_token_at") is not None and status.first_token_at is None:
+                first = status
+            for key, value in fields.items():
+                setattr(status, key, value)
+        if first is not None:
+            self._notify("first_token", first)
 
     def set_state(self, request_id: str, state: RequestState) -> None:
         """Move a request to a non-final state (loading, processing)."""
@@ -126,6 +147,11 @@ class RequestTracker:
                 self._recent.appendleft(status)
                 self._recent_ids[request_id] = status
         self._notify("finish", status)
+
+    def totals_now(self) -> dict[str, int]:
+        """The running totals (requests, errors, prompt and generated tokens)."""
+        with self._lock:
+            return dict(self.totals)
 
     def cancel(self, request_id: str) -> bool:
         """Ask a running request to stop; False when it is not active."""

@@ -11,6 +11,7 @@ A request for ``n`` answers (choices) gives one event stream in which each event
 from __future__ import annotations
 
 import enum
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -259,6 +260,7 @@ class RequestStatus:
     finish_reason: str | None = None
     error: str | None = None
     caller: str | None = None  # the name of the API key it came with (never the key)
+    worker: int = field(default_factory=os.getpid)  # the process serving it
 
     @property
     def ttft_ms(self) -> float | None:
@@ -324,4 +326,5 @@ class RequestStatus:
             "finish_reason": self.finish_reason,
             "error": self.error,
             "caller": self.caller,
+            "worker": self.worker,
         }

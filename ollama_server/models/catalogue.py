@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ def _stamp(info: ModelInfo) -> tuple:
     return tuple(out)
 
 
+def _log_problem(_path: str, problem: str) -> None:
+    log.warning("%s (left out of the model list)", problem)
+
+
 class ModelCatalogue:
     """Finds models and resolves names; a damaged model is left out of every list (logged
     once) and is a DamagedModel (400) when asked for by name."""
@@ -59,6 +64,9 @@ class ModelCatalogue:
         self._info_cache: dict[tuple[str, float], tuple[ModelInfo, tuple]] = {}
         self._reported: dict[str, str] = {}  # file → the problem last logged for it
         self.aliases: dict[str, str] = {}  # placeholder name → model ("" = default model)
+        # Where a problem goes once this catalogue has seen it (a worker of several: to the
+        # engine pool, which logs each once for the whole service).
+        self.log_problem: Callable[[str, str], None] = _log_problem
 
     # --- discovery -----------------------------------------------------------------------
 
@@ -73,12 +81,12 @@ class ModelCatalogue:
     def _remember(self, key: tuple[str, float], info: ModelInfo) -> None:
         self._info_cache[key] = (info, _stamp(info))
 
-    def _report(self, path: Path, problem: str) -> None:
+    def report_problem(self, path: Path, problem: str) -> None:
         """Log why a model is left out of the lists, once per file and problem (listings run
         on every /api/tags)."""
         if self._reported.get(str(path)) != problem:
             self._reported[str(path)] = problem
-            log.warning("%s (left out of the model list)", problem)
+            self.log_problem(str(path), problem)
 
     def _info_from_manifest(self, name: ModelName, path: Path) -> ModelInfo:
         """The model a manifest describes. DamagedModel names the problem when its files
@@ -228,7 +236,7 @@ class ModelCatalogue:
             try:
                 info = self._info_from_manifest(name, path)
             except DamagedModel as exc:
-                self._report(path, exc.message)
+                self.report_problem(path, exc.message)
                 continue
             except ModelNotFound:
                 continue
@@ -254,7 +262,7 @@ class ModelCatalogue:
         try:
             info = self._info_from_gguf(short, path, "gguf")
         except GGUFError as exc:
-            self._report(path, f"{path} is not a usable GGUF file: {exc.message}")
+            self.report_problem(path, f"{path} is not a usable GGUF file: {exc.message}")
             return None
         info.digest = hashlib.sha256(str(path).encode()).hexdigest()
         mmproj = next(iter(sorted(path.parent.glob(f"{path.stem}*mmproj*.gguf"))), None)

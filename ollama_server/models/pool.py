@@ -73,29 +73,14 @@ def same_engine(running: Any, fresh: Any) -> bool:
     return getattr(running, "settings", None) == getattr(fresh, "settings", None)
 
 
-class EnginePool:
-    """Hands out ready engines for resolved models, within the configured limits."""
+class EngineRules:
+    """What the configuration says about engines: their settings, slots, RPC workers and
+    context. Pure reads of ``config``; a front end that runs no engines uses it too."""
 
-    def __init__(self, config: Config, executor_factory: ExecutorFactory | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 engine_binary: Path | None = None) -> None:
+    def __init__(self, config: Config, engine_binary: Path | None = None) -> None:
         self.config = config
-        self.clock = clock
         self._engine_binary = engine_binary
         self._binary_for = config.llama_cpp_path  # the llama_cpp_path it was resolved from
-        self._factory = executor_factory or self._default_factory
-        self._lock = threading.Condition()
-        self._loaded: dict[str, LoadedModel] = {}
-        self._closed = False
-        # Models whose last start failed: name → {"error", "at" (epoch s), "engine"}; cleared
-        # by the next successful start. /health reports them.
-        self.failures: dict[str, dict[str, Any]] = {}
-        self.queue = SlotQueue(clock)  # slots and waiting requests per model (max_queue)
-        self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
-                                        name="model-keepalive")
-        self._reaper.start()
-
-    # --- engines -------------------------------------------------------------------------
 
     def engine_settings(self, model: str | None = None) -> EngineSettings:
         """EngineSettings from the configuration (the binary resolved once), with the
@@ -121,10 +106,6 @@ class EnginePool:
                               startup_timeout=c.startup_timeout,
                               request_timeout=c.request_timeout)
 
-    def _default_factory(self, info: ModelInfo, ctx_size: int) -> LLAMAExecutor:
-        return LLAMAExecutor(info.path, self.engine_settings(info.name), ctx_size,
-                             name=info.name, pooling=info.pooling, projector=info.projector)
-
     def parallel_for(self, model: str) -> int:
         """The slots ``model`` runs with: its ``model_settings`` entry, else ``parallel``."""
         return int(self.config.engine_overrides(model).get("parallel", self.config.parallel))
@@ -135,8 +116,6 @@ class EnginePool:
         for settings in self.config.model_settings.values():
             names += settings.get("rpc_servers") or []
         return list(dict.fromkeys(names))
-
-    # --- load policy ---------------------------------------------------------------------
 
     def context_for(self, info: ModelInfo, requested: int | None = None,
                     current: int | None = None) -> int:
@@ -149,6 +128,35 @@ class EnginePool:
         if requested and requested > ctx:
             ctx = min(int(requested), trained) if info.context_length else int(requested)
         return max(ctx, 256)
+
+
+class EnginePool(EngineRules):
+    """Hands out ready engines for resolved models, within the configured limits."""
+
+    def __init__(self, config: Config, executor_factory: ExecutorFactory | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 engine_binary: Path | None = None) -> None:
+        super().__init__(config, engine_binary)
+        self.clock = clock
+        self._factory = executor_factory or self._default_factory
+        self._lock = threading.Condition()
+        self._loaded: dict[str, LoadedModel] = {}
+        self._closed = False
+        # Models whose last start failed: name → {"error", "at" (epoch s), "engine"}; cleared
+        # by the next successful start. /health reports them.
+        self.failures: dict[str, dict[str, Any]] = {}
+        self.queue = SlotQueue(clock)  # slots and waiting requests per model (max_queue)
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True,
+                                        name="model-keepalive")
+        self._reaper.start()
+
+    # --- engines -------------------------------------------------------------------------
+
+    def _default_factory(self, info: ModelInfo, ctx_size: int) -> LLAMAExecutor:
+        return LLAMAExecutor(info.path, self.engine_settings(info.name), ctx_size,
+                             name=info.name, pooling=info.pooling, projector=info.projector)
+
+    # --- load policy ---------------------------------------------------------------------
 
     def acquire(self, info: ModelInfo, num_ctx: int | None = None, *, slot: bool = True,
                 abandoned: Callable[[], bool] | None = None,

@@ -42,23 +42,14 @@ _thread_pid: int | None = None
 _start_lock = threading.Lock()
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child, between fork and exec: SIGKILL when the spawning thread's process dies.
-    If it died already (before the call), exit at once instead of running unsupervised."""
-    if _libc is not None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def _serve() -> None:
     while True:
         cmd, kwargs, result = _jobs.get()
         if not result.set_running_or_notify_cancel():
             continue
         try:
-            result.set_result(subprocess.Popen(
-                cmd, preexec_fn=functools.partial(_die_with_parent, os.getpid()), **kwargs))
+            tie = functools.partial(die_with_parent, signal.SIGKILL, os.getpid())
+            result.set_result(subprocess.Popen(cmd, preexec_fn=tie, **kwargs))
         except BaseException as exc:  # handed to the caller, who raises it
             result.set_exception(exc)
 
@@ -83,3 +74,16 @@ def popen_tied(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
     result: Future = Future()
     _jobs.put((cmd, kwargs, result))
     return result.result()
+
+
+def die_with_parent(signum: int, parent: int) -> None:
+    """Ask the kernel to send ``signum`` to this process when its parent dies (an engine,
+    between fork and exec, with SIGKILL; the engine pool process with SIGTERM); exit at once
+    if it died already, rather than run unsupervised. Nothing on systems without ``prctl``.
+
+    Call it first thing after fork with ``parent`` the parent's pid taken before the fork:
+    the parent may be pid 1 itself (the service in a container)."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
