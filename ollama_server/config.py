@@ -59,7 +59,10 @@ class Config:
     embeddings: bool = True
     host: str = "127.0.0.1"
     port: int = 11435
-    threads_http: int = 64  # gunicorn threads: concurrent requests and streams
+    threads_http: int = 64  # gunicorn threads per worker: concurrent requests and streams
+    # Worker processes in front of one engine pool (shared_pool.py): "auto" is one per core;
+    # 1 serves everything from one process, with the engines as its children.
+    workers: str = "auto"
     # One thread relays every stream's tokens after the first (core/relay.py); false: each
     # stream's own request thread does (more CPU per token at high concurrency).
     relay_thread: bool = True
@@ -161,6 +164,11 @@ class Config:
                     "port", "threads_http", "registry_concurrency"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        workers = str(self.workers).strip().lower()
+        if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
+            raise ConfigError(f"workers must be 'auto' (one per core) or a positive number, "
+                              f"got {self.workers!r}")
+        self.workers = workers
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         if self.threads < 0:

@@ -1,17 +1,21 @@
 """Entry point: ``python -m ollama_server.main --model-dir DIR --llama-cpp-dir DIR --port 11435``
 (``python ollama_server/main.py …`` works too).
 
-Serves the app under gunicorn with one worker process (the engines are its children, so all
-state lives in one process) and a thread pool for concurrent streams. Signals to the process
+Serves the app under gunicorn: ``workers`` processes (default: one per core), each with a
+thread pool for concurrent streams. With one worker the engines are its children and all state
+lives in it; with more, the master first starts the engine pool process (shared_pool.py),
+which owns the engines, admits requests and keeps the one view of them. Signals to the process
 started (gunicorn's master):
 
-- ``SIGHUP``: reload the configuration without a restart (in the worker; see reload.py).
+- ``SIGHUP``: reload the configuration without a restart (in the workers and the pool; see
+  reload.py).
 - ``SIGUSR2``: zero-downtime update. A new master runs the checkout's current code beside the
   old one, on the same listening socket; once its worker has loaded the app, the worker tells
   systemd the new master is the unit's main process and stops the old master, which drains.
   New code that fails to start leaves the old service running as it was.
 - ``SIGTERM`` / ``SIGINT``: graceful stop. No new connections; requests in flight get up to
-  ``shutdown_timeout`` seconds; then every llama-server is stopped.
+  ``shutdown_timeout`` seconds; then every llama-server is stopped (the pool, if any, goes
+  last).
 """
 
 from __future__ import annotations
@@ -89,10 +93,20 @@ def config_from_args(argv: list[str] | None = None) -> Config:
 
 
 def create_service_app(config: Config, source: ConfigSource | None = None) -> Any:
-    """The app with its engines tied to this process's exit."""
+    """The app of one worker: in front of the engine pool process when the master started one
+    (several workers), else with its engines as its own children."""
     from .api.app import create_app
+    from .shared_pool import ADDRESS_ENV, PoolClient, RemoteManager, RemoteMetrics, SharedTracker
 
-    app = create_app(config, source=source)
+    address = os.environ.get(ADDRESS_ENV)
+    if address:
+        client = PoolClient(address)
+        app = create_app(config, manager=RemoteManager(config, client),
+                         tracker=SharedTracker(client), metrics=RemoteMetrics(client),
+                         source=source)
+        client.register()
+    else:
+        app = create_app(config, source=source)
     manager = app.extensions["ollama_server"].manager
     atexit.register(manager.shutdown)
     return app
@@ -104,10 +118,20 @@ ENGINE_STOP_MARGIN = 20
 
 
 def serve(config: Config, source: ConfigSource | None = None) -> None:
-    """Run gunicorn in this process (one worker, many threads)."""
+    """Run gunicorn in this process: ``workers`` processes of many threads each; with more
+    than one, the engines belong to a pool process that this master starts first."""
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
     from gunicorn.workers.gthread import ThreadWorker
+
+    from .shared_pool import ADDRESS_ENV, PID_ENV, PoolProcess, resolve_workers
+
+    workers = resolve_workers(config.workers)
+    for key in (ADDRESS_ENV, PID_ENV):  # an updating master's: this one starts its own pool
+        os.environ.pop(key, None)
+    from .api.app import create_app
+
+    pool = PoolProcess(create_app, config, source) if workers > 1 else None
 
     class DrainingWorker(ThreadWorker):
         def set_accept_enabled(self, enabled: bool) -> None:
@@ -123,16 +147,28 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
 
     class ServiceArbiter(Arbiter):
         def handle_hup(self) -> None:
-            # gunicorn's own SIGHUP starts a new worker, and every engine with it; ours
-            # reloads the configuration inside the running worker.
-            self.log.info("SIGHUP: the worker reloads the configuration")
+            # gunicorn's own SIGHUP starts new workers, and every engine with them; ours
+            # reloads the configuration inside the running workers and the engine pool.
+            self.log.info("SIGHUP: the workers reload the configuration")
             self.kill_workers(signal.SIGHUP)
+            if pool is not None:
+                pool.signal(signal.SIGHUP)
+
+        def reap_workers(self) -> None:
+            if pool is not None and pool.exited() is not None:
+                self.log.error("the engine pool process exited; starting it again (its "
+                               "engines were stopped: requests on them failed)")
+                try:
+                    pool.start()
+                except RuntimeError as exc:
+                    self.log.error("%s", exc)
+            super().reap_workers()
 
     class Service(BaseApplication):
         def load_config(self) -> None:
             settings = {
                 "bind": f"{config.host}:{config.port}",
-                "workers": 1,
+                "workers": workers,
                 "worker_class": DrainingWorker,
                 "threads": config.threads_http,
                 "timeout": 0,  # streams may run for minutes; the engines have their own limit
@@ -143,6 +179,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
                 "accesslog": "-" if config.log_level == "DEBUG" else None,
                 "post_worker_init": _post_worker_init,
                 "worker_exit": _worker_exit,
+                "on_exit": lambda _server: pool.stop() if pool is not None else None,
                 "proc_name": "llm-inference",
             }
             for key, value in settings.items():
@@ -154,12 +191,15 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
 
         def run(self) -> None:
             try:
+                if pool is not None:
+                    pool.start()
                 ServiceArbiter(self).run()
             except RuntimeError as exc:
                 print(f"\nError: {exc}\n", file=sys.stderr)
                 raise SystemExit(1) from None
 
-    log.info("serving on http://%s:%d (pid %d)", config.host, config.port, os.getpid())
+    log.info("serving on http://%s:%d (pid %d, %d worker%s)", config.host, config.port,
+             os.getpid(), workers, "s" if workers > 1 else "")
     Service().run()
 
 

@@ -28,7 +28,7 @@ from .logs import setup_logging
 log = logging.getLogger(__name__)
 
 # Keys the running process cannot change: they apply after a restart.
-RESTART_KEYS = ("host", "port", "threads_http", "shutdown_timeout")
+RESTART_KEYS = ("host", "port", "threads_http", "workers", "shutdown_timeout")
 
 
 def _iso(epoch: float) -> str:

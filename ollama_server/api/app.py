@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -40,9 +41,10 @@ BLUEPRINTS = (openai.bp, monitoring.bp, ollama.bp, anthropic.bp, vllm.bp, tgi.bp
 
 def create_app(config: Config, manager: ModelManager | None = None,
                tracker: RequestTracker | None = None,
-               source: ConfigSource | None = None) -> Flask:
-    """Build the app; ``manager`` and ``tracker`` may be injected (tests). With ``source``
-    (where ``config`` was read from) the app can reload its configuration (reload.py)."""
+               source: ConfigSource | None = None, metrics: Any = None) -> Flask:
+    """Build the app; ``manager``, ``tracker`` and ``metrics`` may be injected (tests, and a
+    worker in front of the engine pool process: shared_pool.py). With ``source`` (where
+    ``config`` was read from) the app can reload its configuration (reload.py)."""
     app = Flask(__name__, static_folder=None)  # no static files: not a route to guard
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_body_mb * 1024 * 1024)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -51,7 +53,7 @@ def create_app(config: Config, manager: ModelManager | None = None,
                    tracker=tracker or RequestTracker())
     app.extensions["ollama_server"] = svc
     # Per-app registry: tests build several apps in one process.
-    app.extensions["ollama_server_metrics"] = ServiceMetrics(svc.tracker, svc.manager)
+    app.extensions["ollama_server_metrics"] = metrics or ServiceMetrics(svc.tracker, svc.manager)
     app.extensions["ollama_server_reloader"] = ConfigReloader(app, source)
     # Request ids in logs: one context per request, its streamed body included.
     app.wsgi_app = isolate_request_context(app.wsgi_app)  # type: ignore[method-assign]

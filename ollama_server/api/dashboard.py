@@ -41,7 +41,7 @@ def dashboard_state() -> dict:
         available = [info.name for info in svc.manager.list_models()]
     except Exception:  # noqa: BLE001 - the dashboard shows what it can
         available = []
-    totals = dict(tracker.totals)
+    totals = tracker.totals_now()
     totals["in_flight"] = len(active)
     queues = svc.manager.queue.snapshot()
     totals["queued"] = sum(q["waiting"] for q in queues.values())

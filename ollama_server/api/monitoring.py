@@ -81,13 +81,19 @@ def health() -> Response:
     """
     svc = services()
     gpu = gpu_snapshot()
-    body: dict = {"status": "ok", "models_loaded": loaded_models_view(gpu),
-                  "requests_in_flight": svc.tracker.count_active(),
-                  "gpu": None if gpu is None else gpu.to_dict()}
     # Which process answered, and when and from where its configuration was loaded (reload).
-    body["pid"] = os.getpid()
-    body["config"] = current_app.extensions["ollama_server_reloader"].status()
+    body: dict = {"status": "ok", "models_loaded": [], "requests_in_flight": 0,
+                  "gpu": None if gpu is None else gpu.to_dict(), "pid": os.getpid(),
+                  "engine_pool": None,
+                  "config": current_app.extensions["ollama_server_reloader"].status()}
+    # Several workers: the process that owns the engines, and its own configuration.
+    pool_status = getattr(svc.manager, "pool_status", None)
     try:
+        if pool_status is not None:  # a pool that died and is starting again: 503
+            body["engine_pool"] = {"pid": None, "workers": [], "config": None}
+            body["engine_pool"] = pool_status()
+        body["models_loaded"] = loaded_models_view(gpu)
+        body["requests_in_flight"] = svc.tracker.count_active()
         body["engine"] = str(svc.manager.engine_settings().binary)
         body["models_available"] = len(svc.manager.list_models())
         body["default_model"] = svc.manager.default_model_name()
@@ -129,7 +135,7 @@ def requests_list() -> Response:
     tracker = services().tracker
     return jsonify({"active": [s.to_dict() for s in tracker.active()],
                     "recent": [s.to_dict() for s in tracker.recent()],
-                    "totals": dict(tracker.totals)})
+                    "totals": tracker.totals_now()})
 
 
 @bp.get("/metrics")
