@@ -187,6 +187,27 @@ def llama_children(pid: int) -> list[int]:
     return out
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if any(line.split()[1:] == [str(pid)] for line in status.splitlines()
+                   if line.startswith("PPid:")):
+                out.append(int(entry.name))
+    return out
+
+
+def service_engines(master: int) -> list[int]:
+    """The llama-server processes of the service whose gunicorn master is ``master`` (children
+    of its one worker, or of its engine pool process)."""
+    return [p for child in children_of(master) for p in llama_children(child)]
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -248,22 +269,13 @@ class ServiceProcess:
             raise
 
     def worker_pids(self) -> list[int]:
-        """The gunicorn worker (child of the master) that owns the engines."""
-        out = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    status = (entry / "status").read_text()
-                except OSError:
-                    continue
-                if any(line.split()[1:] == [str(self.proc.pid)] for line in status.splitlines()
-                       if line.startswith("PPid:")):
-                    out.append(int(entry.name))
-        return out
+        """The master's children: its gunicorn workers and, with several, the engine pool
+        (the process that owns the engines)."""
+        return children_of(self.proc.pid)
 
     def engines(self) -> list[int]:
         """Live llama-server pids of this service (remembered for the shutdown check)."""
-        pids = [p for w in self.worker_pids() for p in llama_children(w)]
+        pids = service_engines(self.proc.pid)
         self.engine_pids.update(pids)
         return pids
 

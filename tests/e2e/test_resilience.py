@@ -149,9 +149,10 @@ def test_shutdown_stops_every_engine(tmp_path, real_models, engine_binary, sig):
 
 
 def test_engines_die_with_a_killed_worker(tmp_path, real_models, engine_binary):
-    """kill -9 of the gunicorn worker (its timeout, the OOM killer) leaves no llama-server
-    running on: the kernel kills it (PR_SET_PDEATHSIG), and the new worker starts its own."""
-    svc = ServiceProcess(tmp_path, real_models)
+    """kill -9 of the one gunicorn worker (its timeout, the OOM killer) leaves no llama-server
+    running on: the kernel kills it (PR_SET_PDEATHSIG), and the new worker starts its own.
+    (With several workers the engines are the pool's: tests/e2e/test_workers.py.)"""
+    svc = ServiceProcess(tmp_path, real_models, extra_env={"OLLAMA_SERVER_WORKERS": "1"})
     try:
         svc.wait_ready()
         r = requests.post(svc.base_url + "/v1/completions", timeout=120,
