@@ -48,6 +48,8 @@ class Config:
     batch_size: int = 512
     parallel: int = 32  # parallel slots per model (continuous batching; see README, Performance)
     max_loaded_models: int = 3
+    # Models loaded at start and after a reload, before /health says ready (in this order).
+    preload: list[str] = field(default_factory=list)
     keep_alive: float = 300.0  # seconds a model stays loaded after its last request
     request_timeout: float = 600.0
     startup_timeout: float = 300.0
@@ -169,6 +171,10 @@ class Config:
             raise ConfigError(f"workers must be 'auto' (one per core) or a positive number, "
                               f"got {self.workers!r}")
         self.workers = workers
+        if len(self.preload) > self.max_loaded_models:
+            raise ConfigError(f"preload names {len(self.preload)} models but max_loaded_models "
+                              f"is {self.max_loaded_models}: the last ones would evict the "
+                              f"first; raise max_loaded_models or preload fewer")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
         if self.threads < 0:
@@ -414,7 +420,8 @@ def _coerce(key: str, value: Any, prefix: str = "") -> Any:
             return [str(v) for v in value]
         if key in ("api_keys", "token_limits", "model_settings"):
             return _coerce_mapping(key, value)
-        if key in ("cors_origins", "rpc_servers", "registry_insecure", "allowed_hosts"):
+        if key in ("cors_origins", "rpc_servers", "registry_insecure", "allowed_hosts",
+                   "preload"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]
             return [str(v) for v in value]

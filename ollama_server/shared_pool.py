@@ -401,6 +401,9 @@ class RemoteManager:
     def failed_models(self) -> list[dict[str, Any]]:
         return self.client.call("failed_models")
 
+    def preloading(self) -> list[str]:
+        return self.client.call("preloading")
+
     def workers_in_use(self) -> dict[str, list[str]]:
         return self.client.call("workers_in_use")
 
@@ -711,6 +714,9 @@ class PoolServer:
 
     def do_failed_models(self) -> list[dict[str, Any]]:
         return self.manager.failed_models()
+
+    def do_preloading(self) -> list[str]:
+        return self.manager.preloading()
 
     def do_workers_in_use(self) -> dict[str, list[str]]:
         return self.manager.workers_in_use()

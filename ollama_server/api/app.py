@@ -55,6 +55,9 @@ def create_app(config: Config, manager: ModelManager | None = None,
     # Per-app registry: tests build several apps in one process.
     app.extensions["ollama_server_metrics"] = metrics or ServiceMetrics(svc.tracker, svc.manager)
     app.extensions["ollama_server_reloader"] = ConfigReloader(app, source)
+    preload = getattr(svc.manager, "preload", None)  # in the process that owns the engines
+    if preload is not None:
+        preload()
     # Request ids in logs: one context per request, its streamed body included.
     app.wsgi_app = isolate_request_context(app.wsgi_app)  # type: ignore[method-assign]
     for blueprint in BLUEPRINTS:

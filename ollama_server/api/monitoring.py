@@ -97,8 +97,12 @@ def health() -> Response:
         body["engine"] = str(svc.manager.engine_settings().binary)
         body["models_available"] = len(svc.manager.list_models())
         body["default_model"] = svc.manager.default_model_name()
+        preloading = svc.manager.preloading()
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
         body.update(status="unhealthy", error=str(exc))
+        return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+    if preloading:  # not ready until the models of ``preload`` are loaded (or failed)
+        body.update(status="starting", preloading=preloading)
         return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
     workers = rpc_workers_view()
     if workers:

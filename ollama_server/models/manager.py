@@ -2,11 +2,14 @@
 
 ``catalogue.ModelCatalogue`` finds models and resolves names; ``pool.EnginePool`` runs their
 engines. The manager puts the two under one name for the blueprints and the service, and
-applies a configuration reload to both.
+applies a configuration reload to both, and preloads the models the configuration names
+(``preload``) at start and after a reload.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +18,8 @@ from ..config import Config
 from .catalogue import ModelCatalogue
 from .pool import EnginePool, ExecutorFactory, LoadedModel, pick_evictions, same_engine
 from .store import OllamaStore
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ExecutorFactory", "LoadedModel", "ModelManager", "pick_evictions", "same_engine"]
 
@@ -39,6 +44,8 @@ class ModelManager:
         self.engine_settings, self.parallel_for = pool.engine_settings, pool.parallel_for
         self.rpc_workers, self.context_for = pool.rpc_workers, pool.context_for
         self.queue, self.shutdown = pool.queue, pool.shutdown
+        self._preloading: list[str] = []
+        self._preload_lock = threading.Lock()
 
     @property
     def store(self) -> OllamaStore:
@@ -50,3 +57,42 @@ class ModelManager:
         into ``self.config`` (a reload)."""
         self.catalogue.apply_config()
         self.pool.apply_config()
+        self.preload()
+
+    # --- preload --------------------------------------------------------------------------
+
+    def preload(self) -> None:
+        """Load the models of ``preload`` in the background, one after the other; until each
+        is loaded (or has failed), ``preloading()`` names it and /health answers 503. A
+        preloaded model stays loaded (keep_alive forever) until a request sets another
+        keep_alive, it is unloaded, or max_loaded_models evicts it."""
+        names = [n for n in self.config.preload if n not in self.preloading()]
+        if not names:
+            return
+        with self._preload_lock:
+            self._preloading += names
+        threading.Thread(target=self._preload, args=(names,), daemon=True,
+                         name="preload").start()
+
+    def preloading(self) -> list[str]:
+        """The models a preload has yet to load."""
+        with self._preload_lock:
+            return list(self._preloading)
+
+    def _preload(self, names: list[str]) -> None:
+        for i, name in enumerate(names, 1):
+            step = f"preload {i}/{len(names)}"
+            try:
+                info = self.resolve(name)
+                if self.pool.loaded_entry(info.name) is not None:
+                    log.info("%s: %s is loaded already", step, info.name)
+                    continue
+                log.info("%s: loading %s", step, info.name)
+                _, load_s = self.pool.acquire(info, slot=False)
+                self.pool.release(info.name, -1, slot=False)
+                log.info("%s: %s is ready (%.1f s)", step, info.name, load_s)
+            except Exception as exc:  # noqa: BLE001 - the log says why; the service serves on
+                log.error("%s: %s could not be loaded: %s", step, name, exc)
+            finally:
+                with self._preload_lock:
+                    self._preloading.remove(name)

@@ -100,12 +100,22 @@ def test_config_layers_yaml_env_cli(tmp_path):
     ("tensor_split: 'a,b'\n", "tensor_split"),
     ("preserve_think_tags: maybe\n", "preserve_think_tags"),
     ("no_such_key: 1\n", "no_such_key"),
+    ("max_loaded_models: 1\npreload: [a, b]\n", "preload names 2 models"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, text, key):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=key):
         load_config(cfg, environ={})
+
+
+def test_preload_is_a_list_in_yaml_or_the_environment(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preload:\n  - smollm2:135m\n")
+    assert load_config(cfg, environ={}).preload == ["smollm2:135m"]
+    c = load_config(environ={"OLLAMA_SERVER_PRELOAD": "smollm2:135m, gemma3:270m"})
+    assert c.preload == ["smollm2:135m", "gemma3:270m"]
+    assert load_config(environ={}).preload == []
 
 
 def test_bad_env_value_names_the_key():
