@@ -344,6 +344,7 @@ def _parse_thinking(body: dict[str, Any], req: InternalRequest) -> None:
             raise InvalidRequest("`max_tokens` must be greater than `thinking.budget_tokens`",
                                  param="thinking")
         req.reasoning = True
+        req.reasoning_budget = budget
     elif kind == "adaptive":
         req.reasoning = True
     elif kind == "disabled":

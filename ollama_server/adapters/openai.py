@@ -40,6 +40,7 @@ from .fields import (  # noqa: F401 (re-exported)
     require_model,
 )
 from .openai_fields import (  # noqa: F401 (openai_error re-exported for the blueprints)
+    REASONING_EFFORTS,
     apply_vllm_extras,
     common_sampling,
     openai_error,
@@ -157,7 +158,13 @@ def openai_chat_to_internal(body: dict[str, Any], dialect: str = "openai") -> In
         req.parallel_tool_calls = get_bool(body, "parallel_tool_calls")
     effort = body.get("reasoning_effort")
     if effort is not None:
-        req.reasoning = effort not in ("none", None)
+        if effort not in REASONING_EFFORTS:
+            raise InvalidRequest(
+                f"Invalid value: '{effort}'. Supported values are: "
+                f"{', '.join(repr(e) for e in REASONING_EFFORTS)}.", param="reasoning_effort")
+        req.reasoning = effort != "none"
+        if req.reasoning:
+            req.reasoning_effort = str(effort)
     kwargs = body.get("chat_template_kwargs")
     if isinstance(kwargs, dict):
         req.chat_template_kwargs = dict(kwargs)

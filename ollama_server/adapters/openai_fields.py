@@ -30,6 +30,8 @@ from .fields import get_bool, get_number, get_stop
 log = logging.getLogger(__name__)
 
 MAX_N = 128  # OpenAI's bound on ``n``
+# reasoning_effort (chat) and reasoning.effort (Responses): OpenAI's levels
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 # Fields vLLM accepts that change nothing here (defaults, or backend choices of vLLM itself).
 _IGNORED = ("guided_decoding_backend", "guided_whitespace_pattern", "priority",

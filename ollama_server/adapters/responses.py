@@ -32,7 +32,7 @@ from ..core.schemas import (
     Usage,
 )
 from .fields import get_bool, get_number, get_str, require_model
-from .openai_fields import openai_error
+from .openai_fields import REASONING_EFFORTS, openai_error
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ KNOWN_FIELDS = {
     "stream_options", "top_logprobs", "seed", "safety_identifier", "prompt_cache_key",
     "max_tool_calls", "background", "conversation", "prompt",
 }
-REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
 def new_id(prefix: str) -> str:
@@ -260,6 +259,8 @@ def _reasoning(body: dict[str, Any], req: InternalRequest) -> None:
         raise InvalidRequest(f"'reasoning.effort' must be one of {', '.join(REASONING_EFFORTS)};"
                              f" got {json.dumps(effort)}", param="reasoning.effort")
     req.reasoning = effort != "none"
+    if req.reasoning:
+        req.reasoning_effort = effort
 
 
 def responses_to_internal(body: dict[str, Any]) -> InternalRequest:

@@ -98,6 +98,12 @@ class InternalRequest:
     tool_choice: str | dict[str, Any] | None = None  # auto | none | required | {"name": …}
     parallel_tool_calls: bool | None = None
     reasoning: bool | None = None
+    # How hard to think: a level (OpenAI's reasoning_effort, Ollama's think level) for
+    # templates that read one, and a cap on the reasoning's tokens (Anthropic's budget_tokens,
+    # or the level's budget: core/engine/payload.EFFORT_BUDGETS) the engine enforces by closing
+    # the thinking block when it is spent.
+    reasoning_effort: str | None = None
+    reasoning_budget: int | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     add_generation_prompt: bool = True
     continue_final_message: bool = False

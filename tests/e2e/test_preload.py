@@ -78,3 +78,4 @@ def test_preloaded_models_are_loaded_before_ready_and_after_a_reload(
         assert r.json()["load_duration"] < 1e9, r.json()  # it was loaded already
     finally:
         svc.stop()
+

@@ -62,6 +62,27 @@ def message_to_engine(msg: Message) -> dict[str, Any]:
     return out
 
 
+# Reasoning tokens per effort level when the request gives no budget of its own; "high" and
+# above think as long as the model wants.
+EFFORT_BUDGETS = {"minimal": 256, "low": 1024, "medium": 4096}
+
+
+def _reasoning_fields(req: InternalRequest) -> dict[str, Any]:
+    """The engine's thinking controls: ``reasoning_effort`` for templates that read a level
+    (gpt-oss and the like) and ``reasoning_budget_tokens``, which llama-server enforces on any
+    template with a thinking block by closing it when the budget is spent."""
+    if req.reasoning is False:
+        return {}
+    out: dict[str, Any] = {}
+    if req.reasoning_effort:
+        out["reasoning_effort"] = req.reasoning_effort
+    budget = req.reasoning_budget if req.reasoning_budget is not None else \
+        EFFORT_BUDGETS.get(req.reasoning_effort or "")
+    if budget is not None:
+        out["reasoning_budget_tokens"] = budget
+    return out
+
+
 def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
     """llama-server ``/v1/chat/completions`` body for a chat request (always streamed)."""
     payload: dict[str, Any] = {
@@ -79,6 +100,7 @@ def build_chat_payload(req: InternalRequest) -> dict[str, Any]:
         # up; it also repeats the whole answer, so it is asked for only when needed.
         payload["verbose"] = True
     payload.update(_sampling_fields(req))
+    payload.update(_reasoning_fields(req))
     if req.tools:
         tools = req.tools
         choice = req.tool_choice
