@@ -154,7 +154,10 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
             if pool is not None:
                 pool.signal(signal.SIGHUP)
 
-        def reap_workers(self) -> None:
+        def manage_workers(self) -> None:
+            # Run on every turn of the master's loop (at least once a second). Not in
+            # reap_workers: its waitpid(-1) may reap the pool before a check there sees it,
+            # and nothing would look again; exited() also sees a pool reaped that way.
             if pool is not None and pool.exited() is not None:
                 self.log.error("the engine pool process exited; starting it again (its "
                                "engines were stopped: requests on them failed)")
@@ -162,7 +165,7 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
                     pool.start()
                 except RuntimeError as exc:
                     self.log.error("%s", exc)
-            super().reap_workers()
+            super().manage_workers()
 
     class Service(BaseApplication):
         def load_config(self) -> None:

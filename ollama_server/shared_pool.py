@@ -686,7 +686,9 @@ class PoolServer:
         return self.tracker.totals_now()
 
     def do_pool_status(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "workers": sorted(self._channels),
+        with self._lock:  # channels come and go on other threads
+            workers = sorted(self._channels)
+        return {"pid": os.getpid(), "workers": workers,
                 "config": self.app.extensions["ollama_server_reloader"].status()}
 
     def do_metrics(self) -> bytes:
@@ -806,7 +808,8 @@ class PoolProcess:
         os.environ[PID_ENV] = str(pid)
 
     def exited(self) -> int | None:
-        """The pool's exit status if it has exited (reaped here), else None."""
+        """The pool's exit status if it has exited (reaped here), else None; -1 when
+        gunicorn's own reaping took it first."""
         if self.pid is None:
             return None
         try:

@@ -233,7 +233,7 @@ def _common(body: dict[str, Any], req: InternalRequest) -> list[str]:
         req.grammar = grammar or None
     think = parse_think(body.get("think"))
     req.reasoning = think
-    if isinstance(body.get("think"), str) and body["think"] in THINK_LEVELS:
+    if think and body["think"] in THINK_LEVELS:  # checked by parse_think
         # A level: the template's (low/medium/high) and the engine's budget for it.
         req.reasoning_effort = "high" if body["think"] == "max" else body["think"]
     if think is not None:

@@ -66,11 +66,11 @@ class ModelManager:
         is loaded (or has failed), ``preloading()`` names it and /health answers 503. A
         preloaded model stays loaded (keep_alive forever) until a request sets another
         keep_alive, it is unloaded, or max_loaded_models evicts it."""
-        names = [n for n in self.config.preload if n not in self.preloading()]
+        with self._preload_lock:  # names already on their way are not loaded twice
+            names = [n for n in self.config.preload if n not in self._preloading]
+            self._preloading += names
         if not names:
             return
-        with self._preload_lock:
-            self._preloading += names
         threading.Thread(target=self._preload, args=(names,), daemon=True,
                          name="preload").start()
 
