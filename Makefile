@@ -11,11 +11,13 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
+        haproxy cluster cluster-update bench-scale \
         test-fast fuzz lint bench bench-split bench-relay bench-request bench-defaults clean rpc-worker container-tools base-image image \
         docs docs-tools
 
 help:
 	@echo "make run    - set everything up and serve on http://$(HOST):$(PORT)"
+	@echo "make cluster N=3 - N instances behind HAProxy on http://$(HOST):$(PORT)"
 	@echo "make test   - set everything up and run the whole test suite"
 	@echo "make fuzz   - the long fuzz runs: 10,000 GGUF headers, then 20,000 request bodies"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
@@ -91,6 +93,27 @@ registry:
 	  { ! command -v systemctl >/dev/null 2>&1 || \
 	    $$SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true; } && \
 	  test -x /usr/bin/docker-registry; }
+# Debian's HAProxy, the balancer of `make cluster` and of the scale-out tests. The package's
+# system service (which serves nothing as shipped) is stopped and disabled right after.
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || { \
+	  echo "installing Debian's haproxy for make cluster and the scale-out tests"; \
+	  $(APT_INSTALL) haproxy >/dev/null && \
+	  { ! command -v systemctl >/dev/null 2>&1 || \
+	    systemctl disable --now haproxy >/dev/null 2>&1 || true; } && \
+	  test -x /usr/sbin/haproxy; }
+
+# N instances of the service behind HAProxy on this host (README, "Scaling out"): HAProxy on
+# $(HOST):$(PORT), instance i on port $(PORT)+i. `make cluster-update` updates them one by one.
+N ?= 3
+cluster: setup haproxy
+	$(VPY) -m ollama_server.cluster --instances $(N) --model-dir $(MODELS) --host $(HOST) \
+	  --port $(PORT)
+
+cluster-update: venv
+	$(VPY) -m ollama_server.cluster update --instances $(N) --model-dir $(MODELS) \
+	  --host $(HOST) --port $(PORT)
+
 # Podman, runc, debootstrap, podman-compose and systemd-container from Debian, for the
 # deployment tests and `make image` (as root or through sudo, never interactive).
 CONTAINER_PACKAGES := podman runc debootstrap podman-compose systemd-container
@@ -148,7 +171,7 @@ lint: venv
 	$(VPY) -m ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: setup browser registry lint container-tools base-image
+test: setup browser registry haproxy lint container-tools base-image
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Unit and Flask-client layers only (no engine): seconds.

@@ -128,6 +128,24 @@ class Config:
     # Seconds a stop (SIGTERM) waits for requests in flight before the engines are stopped.
     shutdown_timeout: float = 30.0
 
+    # --- scaling out: several instances behind HAProxy (issue 21; cluster.py) ---------------
+    # This instance's name in the ``X-Served-By`` header of every answer (none when unset;
+    # "auto": <host name>:<port>, for replicas that share one configuration).
+    instance_name: str | None = None
+    # A port on which the master answers HAProxy's agent-check (agent.py): a weight from the
+    # free slots and the queue, ``drain`` while draining or stopping. None: no agent.
+    agent_port: int | None = None
+    # While this file exists the instance drains: /health/ready answers 503 and the agent
+    # ``drain`` (no new requests from the balancer; those in flight finish). Default:
+    # <log_dir>/drain-<port>.
+    drain_file: str | None = None
+    # The balancer of `make cluster` / `python -m ollama_server.cluster` (cluster.py): how
+    # far a model's instance may run above the cluster's average load before its requests
+    # spill over to the next instance (HAProxy's hash-balance-factor, percent), and how long
+    # a request may wait at the balancer for a free instance before a 503 with Retry-After.
+    cluster_hash_balance_factor: int = 150
+    cluster_queue_timeout: float = 30.0
+
     # --- derived paths -------------------------------------------------------------------
 
     @property
@@ -150,6 +168,17 @@ class Config:
         if not self.manifests_dir:
             return self.models_path / "manifests"
         return manifests_root(_abs(self.manifests_dir))
+
+    @property
+    def drain_path(self) -> Path:
+        """The file whose presence drains this instance (``drain_file``)."""
+        if self.drain_file:
+            return _abs(self.drain_file)
+        return _abs(self.log_dir) / f"drain-{self.port}"
+
+    def draining(self) -> bool:
+        """True while the drain file exists (one stat; read per health check)."""
+        return self.drain_path.exists()
 
     def update_from(self, new: "Config") -> None:
         """Take every value of ``new`` (already validated) in one step.
@@ -177,10 +206,22 @@ class Config:
                               f"first; raise max_loaded_models or preload fewer")
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535, got {self.port}")
+        if (self.instance_name or "").strip().lower() == "auto":
+            import socket
+
+            self.instance_name = f"{socket.gethostname()}:{self.port}"
+        if self.agent_port is not None and not 0 < self.agent_port <= 65535:
+            raise ConfigError(f"agent_port must be a port number (1-65535), got "
+                              f"{self.agent_port}")
+        if self.agent_port is not None and self.agent_port == self.port:
+            raise ConfigError(f"agent_port must differ from port ({self.port})")
+        if not 100 < self.cluster_hash_balance_factor:
+            raise ConfigError(f"cluster_hash_balance_factor must be above 100 (percent of "
+                              f"the average load), got {self.cluster_hash_balance_factor}")
         if self.threads < 0:
             raise ConfigError(f"threads must be 0 (auto) or positive, got {self.threads}")
         for key in ("request_timeout", "startup_timeout", "max_body_mb", "registry_timeout",
-                    "shutdown_timeout"):
+                    "shutdown_timeout", "cluster_queue_timeout"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.log_level.upper() not in LOG_LEVELS:

@@ -48,9 +48,9 @@ from .logs import setup_logging
 log = logging.getLogger("ollama_server")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The command-line flags (each overrides the config file and the environment)."""
-    p = argparse.ArgumentParser(prog="python -m ollama_server.main",
+    p = argparse.ArgumentParser(prog="python -m ollama_server.main", add_help=add_help,
                                 description="LLM inference service on llama.cpp: OpenAI, "
                                             "Ollama, Anthropic, vLLM and TGI APIs on one port.")
     p.add_argument("--config", help="YAML config file (default: config/service_config.yaml)")
@@ -132,6 +132,12 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
     from .api.app import create_app
 
     pool = PoolProcess(create_app, config, source) if workers > 1 else None
+    agent = None
+    if config.agent_port is not None:  # HAProxy's agent-check, answered by this master
+        from .agent import LoadAgent, local_url
+
+        agent = LoadAgent(config.host, config.agent_port,
+                          local_url(config.host, config.port, "/health/ready"))
 
     class DrainingWorker(ThreadWorker):
         def set_accept_enabled(self, enabled: bool) -> None:
@@ -153,6 +159,26 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
             self.kill_workers(signal.SIGHUP)
             if pool is not None:
                 pool.signal(signal.SIGHUP)
+
+        def handle_term(self) -> None:
+            self._agent_stops()
+            super().handle_term()
+
+        def handle_int(self) -> None:
+            self._agent_stops()
+            super().handle_int()
+
+        def handle_quit(self) -> None:
+            self._agent_stops()
+            super().handle_quit()
+
+        def _agent_stops(self) -> None:
+            if agent is None:
+                return
+            if self.reexec_pid:  # stopped by its successor (SIGUSR2): the new master answers
+                agent.close()
+            else:  # the balancer sends no new requests while this one drains
+                agent.stopping()
 
         def manage_workers(self) -> None:
             # Run on every turn of the master's loop (at least once a second). Not in
@@ -196,6 +222,11 @@ def serve(config: Config, source: ConfigSource | None = None) -> None:
             try:
                 if pool is not None:
                     pool.start()
+                if agent is not None:
+                    try:
+                        agent.start()
+                    except OSError as exc:
+                        raise RuntimeError(str(exc)) from None
                 ServiceArbiter(self).run()
             except RuntimeError as exc:
                 print(f"\nError: {exc}\n", file=sys.stderr)

@@ -83,6 +83,9 @@ def create_app(config: Config, manager: ModelManager | None = None,
     @app.after_request
     def _finish(resp: Response) -> Response:
         resp.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        served_by = app.extensions["ollama_server"].config.instance_name
+        if served_by:  # which instance answered, behind a balancer (issue 21)
+            resp.headers["X-Served-By"] = served_by
         if request.headers.get("anthropic-version") or request.path.startswith("/v1/messages"):
             # The anthropic SDK reads ``request-id`` (``message._request_id``), on every route
             # it calls (messages, count_tokens, models) and on errors.

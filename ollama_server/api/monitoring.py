@@ -72,12 +72,66 @@ def app_metrics() -> ServiceMetrics:
     return current_app.extensions["ollama_server_metrics"]
 
 
+def load_view() -> dict:
+    """Slots and queue over the loaded models, and the balancer weight they give (1-100).
+
+    The weight is the share of the slots that are free, less what waits in the queues: 100
+    when idle (or when nothing is loaded), 1 (never 0, which HAProxy reads as "drained") once
+    every slot is busy or requests wait.
+    """
+    manager = services().manager
+    queues = manager.queue.snapshot()
+    total = sum(manager.parallel_for(name) for name in queues) if queues else 0
+    busy = int(sum(q["busy"] for q in queues.values()))
+    waiting = int(sum(q["waiting"] for q in queues.values()))
+    weight = 100 if total == 0 else round(100 * (total - busy - waiting) / total)
+    return {"slots_total": total, "slots_busy": busy, "requests_waiting": waiting,
+            "weight": max(1, min(100, weight))}
+
+
+def _json(body: dict, status: int) -> Response:
+    return Response(jsonify(body).get_data(), status=status, mimetype="application/json")
+
+
+@bp.get("/health/live")
+def live() -> Response:
+    """Liveness: 200 while this process answers; the models and engines are not looked at."""
+    return _json({"status": "alive", "pid": os.getpid()}, 200)
+
+
+@bp.get("/health/ready")
+def ready() -> Response:
+    """Readiness, for a balancer's health check (and agent.py's weight): 200 when this
+    instance takes new work; 503 while it drains, preloads, or its default model cannot start.
+    Cheap: no RPC probe, no GPU reading."""
+    svc = services()
+    body: dict = {"status": "ready", "instance": svc.config.instance_name}
+    try:
+        body.update(load_view())
+        preloading = svc.manager.preloading()
+        default = (svc.manager.default_model_name() or "").lower()
+        failed = [f for f in svc.manager.failed_models()
+                  if f["name"].lower() in (default, f"{default}:latest")]
+    except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
+        return _json({**body, "status": "unhealthy", "error": str(exc)}, 503)
+    if svc.config.draining():
+        return _json({**body, "status": "draining",
+                      "error": f"draining: {svc.config.drain_path} exists"}, 503)
+    if preloading:
+        return _json({**body, "status": "starting", "preloading": preloading}, 503)
+    if failed:
+        return _json({**body, "status": "unhealthy",
+                      "error": f"{failed[0]['name']}: {failed[0]['error']}"}, 503)
+    return _json(body, 200)
+
+
 @bp.get("/health")
 def health() -> Response:
     """200 with the engine and models when the service can take work, 503 otherwise.
 
     A model whose last start failed is listed under ``failed_models`` with the reason: the
     status is ``unhealthy`` (503) when it is the default model, else ``degraded`` (200).
+    While the instance drains (``drain_file``) the status is ``draining`` (503).
     """
     svc = services()
     gpu = gpu_snapshot()
@@ -100,10 +154,13 @@ def health() -> Response:
         preloading = svc.manager.preloading()
     except Exception as exc:  # noqa: BLE001 - health reports, never raises
         body.update(status="unhealthy", error=str(exc))
-        return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+        return _json(body, 503)
     if preloading:  # not ready until the models of ``preload`` are loaded (or failed)
         body.update(status="starting", preloading=preloading)
-        return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+        return _json(body, 503)
+    if svc.config.draining():  # a balancer sends no new work; requests in flight finish
+        body.update(status="draining", error=f"draining: {svc.config.drain_path} exists")
+        return _json(body, 503)
     workers = rpc_workers_view()
     if workers:
         body["rpc_workers"] = workers
@@ -120,7 +177,7 @@ def health() -> Response:
         body["status"] = "unhealthy" if default_failed else "degraded"
         body["error"] = f"{failed[0]['name']}: {failed[0]['error']}"
         if default_failed:
-            return Response(jsonify(body).get_data(), status=503, mimetype="application/json")
+            return _json(body, 503)
     return jsonify(body)
 
 

@@ -42,6 +42,8 @@ METRICS = "metrics"  # public unless ``metrics_require_key``
 ROUTE_ACCESS: dict[str, str] = {
     # Liveness and versions: no data, no model work.
     "GET /health": PUBLIC,
+    "GET /health/live": PUBLIC,  # liveness and readiness, for balancers and orchestrators
+    "GET /health/ready": PUBLIC,
     "GET /": PUBLIC,  # "Ollama is running"
     "GET /api/version": PUBLIC,
     "GET /version": PUBLIC,
