@@ -11,7 +11,7 @@ PORT   ?= 11435
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
-        haproxy cluster cluster-update bench-scale \
+        haproxy cluster cluster-update cluster-status bench-scale \
         test-fast fuzz lint bench bench-split bench-relay bench-request bench-defaults clean rpc-worker container-tools base-image image \
         docs docs-tools
 
@@ -112,6 +112,10 @@ cluster: setup haproxy
 
 cluster-update: venv
 	$(VPY) -m ollama_server.cluster update --instances $(N) --model-dir $(MODELS) \
+	  --host $(HOST) --port $(PORT)
+
+cluster-status: venv
+	$(VPY) -m ollama_server.cluster status --instances $(N) --model-dir $(MODELS) \
 	  --host $(HOST) --port $(PORT)
 
 # Podman, runc, debootstrap, podman-compose and systemd-container from Debian, for the

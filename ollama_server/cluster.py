@@ -13,7 +13,8 @@ configuration (the same file, environment and flags as ``ollama_server.main``), 
    not a failure); Ctrl-C or SIGTERM stops HAProxy, then drains and stops every instance.
 
 ``python -m ollama_server.cluster render`` prints the HAProxy configuration only (for an
-HAProxy of your own, or to read it); ``update`` is the rolling update of a running cluster: one
+HAProxy of your own, or to read it); ``status`` shows each instance as HAProxy and the
+instance itself see it; ``update`` is the rolling update of a running cluster: one
 instance at a time is drained (its agent says ``drain``), waits for its requests in flight,
 takes the checkout's current code (SIGUSR2, zero downtime), and comes back (``ready``).
 
@@ -28,6 +29,7 @@ instance with the fewest connections, weighted by each instance's free slots (ag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -97,6 +99,38 @@ def _error_body(kind: str, message: str) -> str:
             f'"param":null,"code":null}}}}')
 
 
+def too_large_rules(max_body_mb: float) -> list[str]:
+    """Frontend lines that answer a body over ``max_body_mb`` (by its Content-Length) at the
+    balancer, with the service's own 413 in the dialect of the path (api/common.py's
+    ``dialect_for_request`` and error formatters), so that the instance never closes a
+    connection whose upload is still arriving (which would reset it, and HAProxy would lose
+    the answer). Anthropic's body lacks only the ``request_id`` the service puts in it. A
+    chunked upload (no Content-Length) goes on to the instance, which refuses it there."""
+    from .api import app as _app  # noqa: F401 - registers every dialect's error formatter
+    from .api.common import ERROR_FORMATTERS, OPENAI_ALIASES, body_too_large
+
+    def body(dialect: str) -> str:
+        shaped, _ = ERROR_FORMATTERS[dialect](body_too_large(max_body_mb))
+        return _quote(json.dumps(shaped))
+
+    limit = int(max_body_mb * 1024 * 1024)
+    # The order of dialect_for_request: the first rule that matches answers.
+    by_path = [("anthropic", "{ path_beg /v1/messages }"),
+               ("openai", "{ path " + " ".join(sorted(OPENAI_ALIASES)) + " }"),
+               ("ollama", "{ path_beg /api/ }"),
+               ("tgi", "{ path /generate /generate_stream /info } || { path / } METH_POST"),
+               ("openai", "{ path_beg /v1/ } || { path /tokenize /detokenize /version }"),
+               ("ollama", "")]
+    lines = [f"    acl body_too_large req.hdr_val(content-length) gt {limit}"]
+    for dialect, cond in by_path:
+        where = f"body_too_large {cond}".rstrip()
+        if "||" in cond:  # HAProxy's "or" binds loosest: repeat the acl on each side
+            where = " || ".join(f"body_too_large {c.strip()}" for c in cond.split("||"))
+        lines.append(f"    http-request return status 413 content-type application/json "
+                     f"string {body(dialect)} if {where}")
+    return lines
+
+
 def render_haproxy(config: Config, instances: list[Instance], *, bind: str | None = None,
                    stats_socket: Path | None = None, workers: int | None = None) -> str:
     """HAProxy 2.6's configuration for ``instances`` behind ``bind`` (the service's own
@@ -146,6 +180,7 @@ def render_haproxy(config: Config, instances: list[Instance], *, bind: str | Non
         f"    bind {bind}",
         "    option http-buffer-request",
         "    option forwardfor",
+        *too_large_rules(config.max_body_mb),
         "    http-request set-var(txn.model) req.body,json_query('$.model') if METH_POST",
         "    use_backend by_model if { var(txn.model) -m found }",
         "    default_backend by_load",
@@ -401,6 +436,52 @@ def rolling_update(instances: list[Instance], timeout: float, settle_s: float = 
     return 0
 
 
+# --- status ---------------------------------------------------------------------------------
+
+def haproxy_command(sock_path: Path, command: str) -> str:
+    """One command on HAProxy's stats socket (``level admin``); its answer."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(sock_path))
+        sock.sendall(command.encode() + b"\n")
+        return sock.makefile().read()
+
+
+def server_states(sock_path: Path) -> dict[str, dict[str, str]]:
+    """by_load's servers as HAProxy sees them, by name (``show servers state``'s columns)."""
+    lines = haproxy_command(sock_path, "show servers state by_load").splitlines()
+    header = lines[1].lstrip("# ").split() if len(lines) > 1 else []
+    rows = [dict(zip(header, line.split(), strict=False)) for line in lines[2:] if line.strip()]
+    return {row["srv_name"]: row for row in rows}
+
+
+def status_lines(instances: list[Instance], sock_path: Path) -> list[str]:
+    """One line per instance: HAProxy's view (up/down, drain, weight) and the instance's own
+    (/health/ready: status, slots)."""
+    try:
+        states = server_states(sock_path)
+    except OSError as exc:
+        states = {}
+        out = [f"haproxy: no answer on {sock_path} ({exc}); is the cluster running?"]
+    else:
+        out = [f"haproxy: {len(states)} instances ({sock_path})"]
+    for inst in instances:
+        row = states.get(inst.name, {})
+        up = {"2": "UP", "0": "DOWN", "1": "STARTING", "3": "STOPPING"}.get(
+            row.get("srv_op_state", ""), "?")
+        admin = int(row.get("srv_admin_state", "0") or 0)
+        drain = " DRAIN" if admin & 0x18 else (" MAINT" if admin & 0x27 else "")
+        code, body = probe(inst.url + "/health/ready", 2.0)
+        own = (f"{body.get('status')}, {body.get('slots_busy')}/{body.get('slots_total')} "
+               f"slots busy, {body.get('requests_waiting')} waiting"
+               if isinstance(body, dict) and body else "no answer")
+        out.append(f"{inst.name} {inst.url}: haproxy {up}{drain} weight "
+                   f"{row.get('srv_uweight', '?')}; instance {own}")
+    return out
+
+
 # --- command line -----------------------------------------------------------------------------
 
 def _service_args(argv: list[str]) -> list[str]:
@@ -415,7 +496,7 @@ def _service_args(argv: list[str]) -> list[str]:
         if name in ("--instances", "-n", "--ready-timeout", "--host", "--port"):
             skip = 0 if "=" in arg else 1
             continue
-        if arg in ("run", "render", "update"):
+        if arg in ("run", "render", "update", "status"):
             continue
         out.append(arg)
     return out
@@ -428,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ollama_server.cluster", parents=[build_parser(add_help=False)],
         description="N instances of the service behind HAProxy on this host; the service's "
                     "flags apply to every instance, --host and --port to HAProxy.")
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "render",
-                                                                       "update"])
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=["run", "render", "update", "status"])
     parser.add_argument("--instances", "-n", type=int, default=3)
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds each instance may take to start")
@@ -451,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "update":
         return rolling_update(cluster.instances, config.shutdown_timeout + 60)
+    if args.command == "status":
+        print("\n".join(status_lines(cluster.instances, cluster.socket)))
+        return 0
     _become_subreaper()
     signal.signal(signal.SIGTERM, cluster.stop)
     signal.signal(signal.SIGINT, cluster.stop)

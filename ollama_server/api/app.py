@@ -13,7 +13,6 @@ from ..config import Config, ConfigSource
 from ..core.errors import (
     InvalidRequest,
     NotFound,
-    PayloadTooLarge,
     ServiceError,
 )
 from ..core.request_tracker import RequestTracker
@@ -22,7 +21,7 @@ from ..metrics import ServiceMetrics
 from ..models.manager import ModelManager
 from ..reload import ConfigReloader
 from . import anthropic, dashboard, monitoring, ollama, openai, responses, tgi, vllm
-from .common import as_service_error, error_response
+from .common import as_service_error, body_too_large, error_response
 from .handlers import Services
 from .security import (
     check_access,
@@ -122,8 +121,7 @@ def create_app(config: Config, manager: ModelManager | None = None,
             err = InvalidRequest(f"method {request.method} is not allowed on {request.path}")
             err.status = 405
         elif code == 413:
-            err = PayloadTooLarge(f"the request body is larger than the limit of "
-                                  f"{config.max_body_mb:g} MB (max_body_mb)")
+            err = body_too_large(config.max_body_mb)
         elif code == 400:
             err = InvalidRequest(exc.description or "bad request")
         else:

@@ -16,7 +16,7 @@ from typing import Any
 
 from flask import Response, current_app, g, has_request_context, request
 
-from ..core.errors import InvalidRequest, ServiceError
+from ..core.errors import InvalidRequest, PayloadTooLarge, ServiceError
 from ..core.jsonio import dumps_compact
 from ..core.relay import RELAY, relayable
 from .validation import parse_json_body
@@ -59,6 +59,12 @@ def dialect_for_request(path: str | None = None, method: str | None = None,
     if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/version"):
         return "openai"
     return "ollama"
+
+
+def body_too_large(max_body_mb: float) -> PayloadTooLarge:
+    """The error of a body over ``max_body_mb`` (the service's and its balancer's)."""
+    return PayloadTooLarge(f"the request body is larger than the limit of {max_body_mb:g} MB "
+                           f"(max_body_mb)")
 
 
 def error_response(exc: ServiceError, dialect: str | None = None) -> Response:

@@ -34,6 +34,7 @@ import pytest
 import requests
 from huggingface_hub import InferenceClient
 
+from ollama_server.cluster import server_states
 from tests.helpers import ROOT, children_of, pid_alive, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -90,20 +91,10 @@ class Cluster:
         text = (self.out.name and Path(self.out.name).read_text(errors="replace"))[-3000:]
         return text
 
-    def haproxy(self, command: str) -> str:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(self.dir / "haproxy.sock"))
-            sock.sendall(command.encode() + b"\n")
-            return sock.makefile().read()
-
     def servers(self) -> dict[str, dict[str, str]]:
         """by_load's servers as HAProxy sees them: operational state (2 = up), admin state,
         the weight the agent set."""
-        lines = self.haproxy("show servers state by_load").splitlines()
-        header = lines[1].lstrip("# ").split()
-        rows = [dict(zip(header, line.split(), strict=False))
-                for line in lines[2:] if line.strip()]
-        return {row["srv_name"]: row for row in rows}
+        return server_states(self.dir / "haproxy.sock")
 
     def all_up(self) -> bool:
         try:
@@ -304,13 +295,18 @@ def test_bad_input_gets_the_same_answer_through_the_balancer(cluster, path, data
     assert through == direct
 
 
-def test_a_100_mb_body_gets_the_same_413_through_the_balancer(cluster):
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/chat/completions", "/generate",
+                                  "/v1/messages"])
+def test_a_100_mb_body_gets_the_same_413_through_the_balancer(cluster, path):
     body = b'{"model": "smollm2:135m", "prompt": "' + b"x" * (100 * 1024 * 1024) + b'"}'
     answers = []
     for base in (cluster.instance_url(1), cluster.url):
-        resp = requests.post(base + "/api/generate", data=body, timeout=120,
+        resp = requests.post(base + path, data=body, timeout=120,
                              headers={"Content-Type": "application/json"})
-        answers.append(_answer(resp))
+        status, shaped = _answer(resp)
+        if isinstance(shaped, dict):
+            shaped.pop("request_id", None)  # Anthropic's: this request's own id
+        answers.append((status, shaped))
     assert answers[0][0] == 413, answers[0]
     assert answers[1] == answers[0]
 
@@ -382,6 +378,11 @@ def test_a_rolling_update_fails_no_request(cluster):
         assert not pid_alive(masters[i])
     assert "inst3: updated and back in the balancer" in update.stdout
     wait_for(cluster.all_up, "every instance up again", 30)
+    status = subprocess.run([sys.executable, "-m", "ollama_server.cluster", "status",
+                             *cluster.args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0 and status.stdout.count(": haproxy UP weight") == 3, \
+        status.stdout
 
 
 def test_kill_9_of_an_instance_under_load(cluster):
