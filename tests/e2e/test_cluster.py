@@ -54,28 +54,30 @@ def _ports_free(ports: list[int]) -> bool:
     return True
 
 
-def _base_port() -> int:
-    """A port P with P, P+1..P+3 and P+101..P+103 free (the cluster's plan)."""
+def _base_port(instances: int) -> int:
+    """A port P with P, P+1..P+n and P+101..P+100+n free (the cluster's plan)."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 60000)
-        if _ports_free([base, *(base + i for i in range(1, INSTANCES + 1)),
-                        *(base + 100 + i for i in range(1, INSTANCES + 1))]):
+        if _ports_free([base, *(base + i for i in range(1, instances + 1)),
+                        *(base + 100 + i for i in range(1, instances + 1))]):
             return base
     raise AssertionError("no free block of ports for the cluster")
 
 
 class Cluster:
-    def __init__(self, tmp: Path, models: Path) -> None:
-        self.port = _base_port()
+    def __init__(self, tmp: Path, models: Path, instances: int = INSTANCES,
+                 extra_config: str = "") -> None:
+        self.instances = instances
+        self.port = _base_port(instances)
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = tmp / "logs" / "cluster"
         self.config = tmp / "cluster.yaml"
         self.config.write_text(f"workers: 1\nparallel: {PARALLEL}\nlog_dir: {tmp / 'logs'}\n"
-                               f"keep_alive: 600\nshutdown_timeout: 20\n")
+                               f"keep_alive: 600\nshutdown_timeout: 20\n{extra_config}")
         self.out = open(tmp / "cluster.out", "wb")  # noqa: SIM115 - closed in stop()
         self.args = ["--config", str(self.config), "--model-dir", str(models), "--port",
-                     str(self.port), "--instances", str(INSTANCES)]
+                     str(self.port), "--instances", str(instances)]
         self.proc = subprocess.Popen([sys.executable, "-m", "ollama_server.cluster",
                                       *self.args], cwd=ROOT, stdout=self.out,
                                      stderr=subprocess.STDOUT,
@@ -101,7 +103,7 @@ class Cluster:
             servers = self.servers()
         except OSError:
             return False
-        return len(servers) == INSTANCES and all(
+        return len(servers) == self.instances and all(
             s["srv_op_state"] == "2" and s["srv_admin_state"] == "0" for s in servers.values())
 
     def loaded(self, i: int) -> list[str]:
@@ -124,16 +126,20 @@ class Cluster:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, real_models, engine_binary):
-    c = Cluster(tmp_path_factory.mktemp("cluster"), real_models)
+def started(c: Cluster) -> Cluster:
     try:
         wait_for(lambda: c.proc.poll() is not None or c.all_up(),
-                 "three instances up behind haproxy", 180, every=0.5)
+                 "the instances up behind haproxy", 180, every=0.5)
         assert c.proc.poll() is None, c.log()
     except BaseException:
         c.stop()
         raise
+    return c
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, real_models, engine_binary):
+    c = started(Cluster(tmp_path_factory.mktemp("cluster"), real_models))
     yield c
     launcher = c.proc.pid
     descendants = [p for child in children_of(launcher) for p in [child, *children_of(child)]]
@@ -433,3 +439,36 @@ def test_kill_9_of_an_instance_under_load(cluster):
     # The launcher started the instance again; HAProxy has all three back.
     wait_for(cluster.all_up, "the killed instance back behind haproxy", 180, every=0.5)
     assert chat(cluster.url, model)[1] is not None
+
+
+# --- the balancer's queue -------------------------------------------------------------------
+
+def test_a_full_cluster_answers_503_with_retry_after(tmp_path, real_models, engine_binary):
+    # One instance serving two requests at once (one worker of two threads): HAProxy lets two
+    # in (maxconn 2), queues the rest for cluster_queue_timeout, then answers 503 itself.
+    c = started(Cluster(tmp_path, real_models, instances=1,
+                        extra_config="threads_http: 2\ncluster_queue_timeout: 1\n"))
+    try:
+        assert "maxconn 2 agent-check" in (c.dir / "haproxy.cfg").read_text()
+        answers, lock = [], threading.Lock()
+
+        def long_chat() -> None:
+            resp = requests.post(c.url + "/v1/chat/completions", timeout=120, json={
+                "model": MODELS[0], "max_tokens": 200, "stream": False,
+                "messages": [{"role": "user", "content": "Write a long story."}]})
+            with lock:
+                answers.append((resp.status_code, resp.headers.get("Retry-After"),
+                                resp.json()))
+
+        threads = [threading.Thread(target=long_chat) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        codes = sorted(a[0] for a in answers)
+        assert codes.count(200) >= 2 and 503 in codes, codes
+        for status, retry_after, body in answers:
+            if status == 503:  # the balancer's own: Retry-After and an OpenAI error body
+                assert retry_after == "5" and body["error"]["type"] == "service_unavailable"
+    finally:
+        assert c.stop() == 0, c.log()
