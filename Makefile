@@ -22,6 +22,7 @@ help:
 	@echo "make fuzz   - the long fuzz runs: 10,000 GGUF headers, then 20,000 request bodies"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
 	@echo "make registry | lint | bench | bench-relay | bench-request | bench-defaults | bench-split"
+	@echo "make bench-scale | cluster | cluster-update | cluster-status | haproxy"
 	@echo "make container-tools | base-image | image   (podman; see README, Deployment)"
 	@echo "make docs   - render the diagrams in images/ (PlantUML) to PNG and SVG"
 	@echo "make clean"
@@ -219,6 +220,10 @@ bench-request: setup
 # The service's defaults vs llama-server's own and vs llama-cpp-python's server (built once).
 bench-defaults: setup
 	$(VPY) bench/bench_defaults.py --model-dir $(MODELS)
+
+# Scale-out behind HAProxy (issue 21): direct vs 1, 2, 3 instances, stand-in and real engine.
+bench-scale: setup haproxy
+	$(VPY) bench/bench_scale.py --model-dir $(MODELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache logs

@@ -160,6 +160,7 @@ def render_haproxy(config: Config, instances: list[Instance], *, bind: str | Non
         "    log global",
         "    option httplog",
         "    option dontlognull",
+        "    option http-no-delay",  # streamed tokens leave at once (else +50 ms to TTFT)
         "    timeout connect 2s",
         f"    timeout client {timeout}",
         f"    timeout server {timeout}",

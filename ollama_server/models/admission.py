@@ -1,6 +1,12 @@
 """Admission to a model's slots: at most ``slots`` requests run on a model at once, up to
-``max_queue`` more wait for a slot in arrival order, and any further request is refused at once
-(QueueFull: the dialect's overload answer with ``Retry-After``).
+``max_queue`` more wait for a slot, and any further request is refused at once (QueueFull: the
+dialect's overload answer with ``Retry-After``).
+
+Waiting requests are served by priority (the priority class of the caller's API key:
+``api_keys`` entries with ``priority``; 0 without one), in arrival order within a class. A
+waiting request gains one class every ``AGING_S`` seconds, so a low class is served after a
+bounded wait however many higher ones arrive (no starvation). ``positions()`` tells each
+waiting request its place in line (/api/progress, the dashboard).
 
 A waiting request leaves the queue when its client goes away (``abandoned()`` turns true), and
 gives up with QueueFull when no slot frees within ``timeout``. The limits are passed on every
@@ -13,19 +19,31 @@ import itertools
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..core.errors import Cancelled, QueueFull
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+AGING_S = 10.0  # a waiting request gains one priority class per this many seconds
+
+
+@dataclass(eq=False)
+class _Waiter:
+    ticket: int
+    priority: int
+    since: float
+    request_id: str | None
+
+    def rank(self, now: float) -> tuple[float, int]:
+        """Higher first: the class plus what waiting earned, then the older ticket."""
+        return (self.priority + (now - self.since) / AGING_S, -self.ticket)
 
 
 @dataclass
 class _ModelQueue:
     busy: int = 0
-    waiting: deque[int] = field(default_factory=deque)  # tickets, oldest first
+    waiting: list[_Waiter] = field(default_factory=list)  # in arrival order
     refused: int = 0
     abandoned: int = 0
     admitted: int = 0
@@ -45,11 +63,13 @@ class SlotQueue:
         return self._models.setdefault(name, _ModelQueue())
 
     def enter(self, name: str, slots: int, max_queue: int, timeout: float,
-              abandoned: Callable[[], bool] | None = None) -> float:
+              abandoned: Callable[[], bool] | None = None, priority: int = 0,
+              request_id: str | None = None) -> float:
         """Take a slot of ``name``, waiting in line when all are busy; the seconds waited.
 
         QueueFull when ``max_queue`` requests already wait (or none may) or the wait passes
-        ``timeout``; Cancelled when ``abandoned()`` turns true while waiting.
+        ``timeout``; Cancelled when ``abandoned()`` turns true while waiting. ``priority``
+        orders the line (higher first); ``request_id`` names the request in ``positions()``.
         """
         start = self.clock()
         with self._cond:
@@ -61,10 +81,10 @@ class SlotQueue:
             if len(q.waiting) >= max_queue:
                 q.refused += 1
                 raise QueueFull(name, self._retry_after(q, slots))
-            ticket = next(self._tickets)
-            q.waiting.append(ticket)
+            me = _Waiter(next(self._tickets), priority, start, request_id)
+            q.waiting.append(me)
             try:
-                while not (q.waiting[0] == ticket and q.busy < slots):
+                while not (q.busy < slots and self._head(q) is me):
                     if abandoned is not None and abandoned():
                         q.abandoned += 1
                         raise Cancelled("the client went away while the request was queued")
@@ -75,7 +95,7 @@ class SlotQueue:
                 q.busy += 1
                 q.admitted += 1
             finally:
-                q.waiting.remove(ticket)
+                q.waiting.remove(me)
                 self._cond.notify_all()  # the next in line may now be at the head
             waited = self.clock() - start
             q.wait_s += waited
@@ -87,6 +107,24 @@ class SlotQueue:
             q = self._queue(name)
             q.busy = max(0, q.busy - 1)
             self._cond.notify_all()
+
+    def _head(self, q: _ModelQueue) -> _Waiter:
+        now = self.clock()
+        return max(q.waiting, key=lambda w: w.rank(now))
+
+    def positions(self) -> dict[str, dict[str, int | str]]:
+        """Each waiting request (by request id): its model, its place in that model's line
+        (1: next to get a slot) and how many wait in all."""
+        now = self.clock()
+        out: dict[str, dict[str, int | str]] = {}
+        with self._cond:
+            for name, q in self._models.items():
+                line = sorted(q.waiting, key=lambda w: w.rank(now), reverse=True)
+                for place, waiter in enumerate(line, 1):
+                    if waiter.request_id is not None:
+                        out[waiter.request_id] = {"model": name, "position": place,
+                                                  "waiting": len(line)}
+        return out
 
     @staticmethod
     def _retry_after(q: _ModelQueue, slots: int) -> int:

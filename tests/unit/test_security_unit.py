@@ -65,7 +65,8 @@ def test_every_route_of_the_app_has_a_decision_in_the_table():
 def test_only_health_root_versions_and_the_dashboard_page_are_public():
     public = sorted(r for r, a in ROUTE_ACCESS.items() if a == PUBLIC)
     assert public == ["GET /", "GET /api/version", "GET /dashboard", "GET /dashboard/",
-                      "GET /health", "GET /ping", "GET /version", "POST /ping"]
+                      "GET /health", "GET /health/live", "GET /health/ready", "GET /ping",
+                      "GET /version", "POST /ping"]
 
 
 def test_route_access_defaults_to_key_and_metrics_follow_the_setting():
