@@ -1,5 +1,5 @@
-"""Prometheus metrics of one app, fed by the RequestTracker, plus the GPU reading they share
-with the dashboard.
+"""Prometheus metrics of one app, fed by the RequestTracker and read at scrape time from the
+engines (their slots' KV cache) and the GPUs (``gpu.py``, re-exported here for the dashboard).
 
 Each app gets its own ``CollectorRegistry`` (tests build several apps in one process, and the
 global registry would refuse the second set of names). The service's own names start with
@@ -21,6 +21,22 @@ vllm:request_generation_tokens      generated tokens per finished request
 vllm:time_per_output_token_seconds  a finished request's mean time between tokens (one
                                     observation per request; vLLM observes each interval)
 vllm:request_success_total          finished requests by ``finished_reason`` (stop, length, abort)
+vllm:kv_cache_usage_perc            per ready engine: the tokens that its slots processing a
+                                    request hold in the KV cache, over the cache's size in tokens
+                                    (0..1); from llama-server's ``/slots`` at scrape time, an
+                                    engine that does not answer in 1 s left out of that scrape.
+                                    Idle slots' cached prompts count as free (vLLM counts cached
+                                    blocks of finished requests as free too)
+vllm:cache_config_info              1 per ready engine, labels ``model_name``, ``block_size`` (1:
+                                    llama.cpp has a KV cell per token), ``num_gpu_blocks`` and
+                                    ``kv_cache_size_tokens`` (the cache's size in tokens, on
+                                    whatever devices hold it), ``cache_dtype`` (kv_cache_type:
+                                    f16, q8_0...), ``enable_prefix_caching`` (True: a slot reuses
+                                    a cached prompt prefix), ``kv_cache_memory_bytes`` (its KV
+                                    buffers, all devices; "None" if unknown). vLLM exports one
+                                    series per engine, labelled ``engine`` and every CacheConfig
+                                    field (gpu_memory_utilization, swap_space...), without
+                                    ``model_name``
 tgi_request_count                   requests received (exposed untyped, see below)
 tgi_request_success                 requests that completed (exposed untyped, see below)
 tgi_request_duration                arrival to end, seconds
@@ -33,6 +49,13 @@ tgi_queue_size                      = vllm:num_requests_waiting
 tgi_batch_current_size              = vllm:num_requests_running
 ==================================  ==============================================================
 
+Per GPU (labels ``gpu``, the index, and ``name``), read through NVML (nvidia-ml-py), else
+nvidia-smi, at most every 5 s (``ollama_server/gpu.py``): ``ollama_server_gpu_memory_used_bytes``,
+``ollama_server_gpu_memory_total_bytes``, ``ollama_server_gpu_utilization_ratio`` (0..1, the
+share of the last sample period in which a kernel ran), ``ollama_server_gpu_temperature_celsius``
+and ``ollama_server_gpu_power_watts`` (a value a GPU does not report is left out). Without an
+NVIDIA GPU there is no GPU series, and the reason is logged once.
+
 TGI exports ``tgi_request_count`` and ``tgi_request_success`` as counters without the
 ``_total`` suffix. prometheus_client's text format always appends ``_total`` to a counter's
 name, so those two are exposed as ``untyped`` under their exact names: PromQL (``rate()``,
@@ -41,14 +64,13 @@ name, so those two are exposed as ``untyped`` under their exact names: PromQL (`
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
-import shutil
-import subprocess
 import threading
-import time
 import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import (
@@ -64,6 +86,15 @@ from .core.engine.rpc import hello
 from .core.relay import RELAY
 from .core.request_tracker import RequestTracker
 from .core.schemas import RequestState, RequestStatus
+from .gpu import (  # noqa: F401 - re-exported: the API and the dashboard import them here
+    MIB,
+    GpuDevice,
+    GpuSnapshot,
+    gpu_snapshot,
+    parse_apps_csv,
+    parse_gpu_csv,
+    read_gpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +126,21 @@ def vllm_finished_reason(status: RequestStatus) -> str:
 
 class ServiceMetrics:
     """The metrics of one app: counters and histograms updated from tracker events, gauges
-    (in flight, waiting, loaded models, engine restarts, GPU memory) read at scrape time."""
+    (in flight, waiting, loaded models, KV cache, engine restarts, GPUs) read at scrape time.
+
+    ``slots`` reads an engine's ``/slots`` (port, timeout) → its slots or None; a seam for
+    tests."""
 
     def __init__(self, tracker: RequestTracker, manager: Any,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 slots: Callable[[int, float], list[dict[str, Any]] | None] | None = None
+                 ) -> None:
         # The ``*_created`` timestamp series double the exposition and no dashboard reads them
         # (vLLM and TGI dashboards included); process-wide, which is this service's only use.
         disable_created_metrics()
         self.tracker = tracker
         self.manager = manager
+        self.read_slots = slots or read_slots
         self.relayed_by_workers = 0  # streams the engine pool's workers relayed (several)
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -344,6 +381,7 @@ class _LiveCollector:
             state = getattr(getattr(entry.engine, "state", None), "value", "unknown")
             per_model.add_metric([entry.info.name, str(state), str(entry.ctx_size)], 1)
         yield per_model
+        yield from kv_cache_metrics(loaded, m.read_slots)
 
         device_mem = GaugeMetricFamily(
             "ollama_server_device_memory_bytes",
@@ -379,17 +417,146 @@ class _LiveCollector:
         restarts.add_sample("ollama_server_engine_restarts_total", {}, m.engine_restarts())
         yield restarts
 
-        gpus = gpu_snapshot()
-        if gpus is not None:
-            used = GaugeMetricFamily("ollama_server_gpu_memory_used_bytes",
-                                     "GPU memory in use", labels=["gpu", "name"])
-            total = GaugeMetricFamily("ollama_server_gpu_memory_total_bytes",
-                                      "GPU memory", labels=["gpu", "name"])
-            for gpu in gpus.devices:
-                used.add_metric([str(gpu.index), gpu.name], gpu.used_mib * MIB)
-                total.add_metric([str(gpu.index), gpu.name], gpu.total_mib * MIB)
-            yield used
-            yield total
+        yield from gpu_metrics(gpu_snapshot())
+
+
+def gpu_metrics(gpus: GpuSnapshot | None) -> Iterator[Metric]:
+    """Per GPU: memory used and total, utilisation, temperature, power; nothing without a GPU
+    (a value the GPU does not report is left out)."""
+    if gpus is None:
+        return
+    labels = ["gpu", "name"]
+    used = GaugeMetricFamily("ollama_server_gpu_memory_used_bytes", "GPU memory in use",
+                             labels=labels)
+    total = GaugeMetricFamily("ollama_server_gpu_memory_total_bytes", "GPU memory",
+                              labels=labels)
+    util = GaugeMetricFamily("ollama_server_gpu_utilization_ratio",
+                             "Share of the last sample period in which a kernel ran on the "
+                             "GPU (0..1)", labels=labels)
+    temperature = GaugeMetricFamily("ollama_server_gpu_temperature_celsius",
+                                    "GPU core temperature", labels=labels)
+    power = GaugeMetricFamily("ollama_server_gpu_power_watts", "GPU power draw",
+                              labels=labels)
+    for gpu in gpus.devices:
+        values = [str(gpu.index), gpu.name]
+        used.add_metric(values, gpu.used_mib * MIB)
+        total.add_metric(values, gpu.total_mib * MIB)
+        for family, value in ((util, gpu.utilization), (temperature, gpu.temperature_c),
+                              (power, gpu.power_w)):
+            if value is not None:
+                family.add_metric(values, value)
+    yield from (f for f in (used, total, util, temperature, power) if f.samples)
+
+
+# --- the engines' KV cache (llama-server's /slots) ------------------------------------------
+
+SLOTS_TIMEOUT_S = 1.0  # an engine that answers later (busy, stuck) is left out of the scrape
+# vLLM's CacheConfig fields that mean something for llama-server (vLLM's label names).
+CACHE_CONFIG_LABELS = ("model_name", "block_size", "cache_dtype", "enable_prefix_caching",
+                       "kv_cache_memory_bytes", "kv_cache_size_tokens", "num_gpu_blocks")
+
+
+def read_slots(port: int, timeout: float = SLOTS_TIMEOUT_S) -> list[dict[str, Any]] | None:
+    """llama-server's ``GET /slots`` on ``port``: per slot ``n_ctx``, ``is_processing`` and,
+    once it has had a task, ``n_prompt_tokens`` (the tokens in its KV cells: prompt and
+    generated so far). None when the engine does not answer within ``timeout`` (it answers
+    between two decode steps), is gone, or answers anything but a list."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/slots")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    if resp.status != 200:  # 501: started with --no-slots
+        return None
+    try:
+        slots = json.loads(body)
+    except ValueError:
+        return None
+    return slots if isinstance(slots, list) else None
+
+
+def kv_cache_usage(slots: list[dict[str, Any]], cells: int) -> float:
+    """vLLM's ``kv_cache_usage_perc`` from an engine's slots: the tokens that the slots
+    processing a request hold, over the KV cache's ``cells`` (its context), 0..1.
+
+    An idle slot's cached prompt counts as free, as vLLM counts the cached blocks of finished
+    requests: llama-server saves it to its prompt cache in RAM and clears it when a new task
+    starts (``--cache-idle-slots``, on by default)."""
+    if cells <= 0:
+        return 0.0
+    held = sum(int(slot.get("n_prompt_tokens") or 0) for slot in slots
+               if slot.get("is_processing"))
+    return min(1.0, held / cells)
+
+
+def _ready(entry: Any) -> bool:
+    engine = entry.engine
+    state = getattr(getattr(engine, "state", None), "value", None)
+    return state == "ready" and getattr(engine, "port", None) is not None
+
+
+def kv_cells(entry: Any) -> int:
+    """The KV cache's size in tokens: the context the engine reported, else the one asked."""
+    report = getattr(entry.engine, "report", None)
+    return int(getattr(report, "n_ctx", None) or entry.ctx_size)
+
+
+def cache_config_labels(entry: Any) -> list[str]:
+    """The values of ``CACHE_CONFIG_LABELS`` for a loaded model.
+
+    llama.cpp keeps one KV cell per token (``block_size`` 1), so ``num_gpu_blocks`` is the
+    cache's size in tokens, wherever its layers are (GPU, RPC device or CPU), and
+    ``num_gpu_blocks * block_size`` is its capacity as vLLM's readers compute it."""
+    engine = entry.engine
+    cells = kv_cells(entry)
+    report = getattr(engine, "report", None)
+    kv_mib = sum(d["kv_mib"] for d in report.devices()) if report is not None else 0.0
+    settings = getattr(engine, "settings", None)
+    return [entry.info.name, "1", str(getattr(settings, "kv_cache_type", None) or "f16"),
+            "True",  # every generation request asks for cache_prompt (a prefix is reused)
+            str(int(kv_mib * MIB)) if kv_mib else "None", str(cells), str(cells)]
+
+
+def kv_cache_metrics(loaded: list[Any],
+                     read: Callable[[int, float], list[dict[str, Any]] | None]
+                     ) -> Iterator[Metric]:
+    """``vllm:kv_cache_usage_perc`` and ``vllm:cache_config_info`` for each loaded model whose
+    engine is ready; the /slots of several engines are read at once. An engine that does
+    not answer in ``SLOTS_TIMEOUT_S`` has no usage sample in this scrape."""
+    ready = [entry for entry in loaded if _ready(entry)]
+
+    def usage_of(entry: Any) -> float | None:
+        try:
+            slots = read(entry.engine.port, SLOTS_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - a scrape reports what it can
+            return None
+        return None if slots is None else kv_cache_usage(slots, kv_cells(entry))
+
+    if len(ready) > 1:
+        with ThreadPoolExecutor(max_workers=min(len(ready), 16),
+                                thread_name_prefix="metrics-slots") as pool:
+            usages = list(pool.map(usage_of, ready))
+    else:
+        usages = [usage_of(entry) for entry in ready]
+    usage = GaugeMetricFamily("vllm:kv_cache_usage_perc",
+                              "KV-cache usage. 1 means 100 percent usage.",
+                              labels=["model_name"])
+    info = GaugeMetricFamily("vllm:cache_config_info",
+                             "Information of the LLMEngine CacheConfig",
+                             labels=list(CACHE_CONFIG_LABELS))
+    for entry, value in zip(ready, usages, strict=True):
+        if value is not None:
+            usage.add_metric([entry.info.name], value)
+        try:
+            info.add_metric(cache_config_labels(entry), 1)
+        except Exception:  # noqa: BLE001 - a scrape reports what it can
+            log.debug("no cache_config_info for %s", entry.info.name, exc_info=True)
+    yield usage
+    yield info
 
 
 def queue_metrics(manager: Any) -> Iterator[Metric]:
@@ -456,107 +623,3 @@ def throughput_series(statuses: Iterable[RequestStatus], now: float,
             if overlap > 0:
                 tokens[i] += rate * overlap
     return [round(t / bin_s, 2) for t in tokens]
-
-
-# --- GPU memory (nvidia-smi) -----------------------------------------------------------------
-
-MIB = 1024 * 1024
-
-
-@dataclass
-class GpuDevice:
-    """One GPU as nvidia-smi reports it (memory in MiB)."""
-
-    index: int
-    name: str
-    used_mib: float
-    total_mib: float
-
-
-@dataclass
-class GpuSnapshot:
-    """Every GPU, and the memory each process uses on them (pid → MiB)."""
-
-    devices: list[GpuDevice]
-    by_pid: dict[int, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form for the dashboard and /health."""
-        return {"devices": [{"index": d.index, "name": d.name, "used_mib": d.used_mib,
-                             "total_mib": d.total_mib} for d in self.devices],
-                "by_pid": {str(pid): mib for pid, mib in self.by_pid.items()}}
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text.strip())
-    except ValueError:  # "[N/A]", "[Not Supported]"
-        return None
-
-
-def parse_gpu_csv(text: str) -> list[GpuDevice]:
-    """Parse ``nvidia-smi --query-gpu=index,name,memory.used,memory.total
-    --format=csv,noheader,nounits``."""
-    devices = []
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 4:
-            continue
-        # A GPU name may hold commas: index first, the two numbers last.
-        index, used, total = _number(parts[0]), _number(parts[-2]), _number(parts[-1])
-        if index is None:
-            continue
-        devices.append(GpuDevice(int(index), ", ".join(parts[1:-2]), used or 0.0, total or 0.0))
-    return devices
-
-
-def parse_apps_csv(text: str) -> dict[int, float]:
-    """Parse ``nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits``
-    into pid → MiB (summed over GPUs: a model split by tensor_split uses several)."""
-    out: dict[int, float] = {}
-    for line in text.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 2:
-            continue
-        pid, mib = _number(parts[0]), _number(parts[1])
-        if pid is None or mib is None:
-            continue
-        out[int(pid)] = out.get(int(pid), 0.0) + mib
-    return out
-
-
-_GPU_TTL_S = 5.0  # nvidia-smi takes tens of milliseconds; the dashboard polls every second
-_gpu_lock = threading.Lock()
-_gpu_cache: tuple[float, GpuSnapshot | None] | None = None
-
-
-def _run_smi(args: list[str]) -> str | None:
-    try:
-        done = subprocess.run(["nvidia-smi", *args, "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=3)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("nvidia-smi failed: %s", exc)
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def read_gpus() -> GpuSnapshot | None:
-    """Ask nvidia-smi now; None when there is no NVIDIA GPU (or no nvidia-smi)."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    gpu_text = _run_smi(["--query-gpu=index,name,memory.used,memory.total"])
-    devices = parse_gpu_csv(gpu_text or "")
-    if not devices:
-        return None
-    apps = parse_apps_csv(_run_smi(["--query-compute-apps=pid,used_memory"]) or "")
-    return GpuSnapshot(devices, apps)
-
-
-def gpu_snapshot() -> GpuSnapshot | None:
-    """The GPUs and their memory, at most ``_GPU_TTL_S`` seconds old; None without a GPU."""
-    global _gpu_cache
-    with _gpu_lock:
-        now = time.monotonic()
-        if _gpu_cache is None or now - _gpu_cache[0] > _GPU_TTL_S:
-            _gpu_cache = (now, read_gpus())
-        return _gpu_cache[1]

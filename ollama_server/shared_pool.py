@@ -54,6 +54,7 @@ from .core.errors import Cancelled, EngineFailed, EngineUnavailable
 from .core.relay import RELAY
 from .core.request_tracker import RequestTracker
 from .core.schemas import RequestState, RequestStatus
+from .gpu import quiet_no_gpu
 from .models.catalogue import ModelCatalogue
 from .models.pool import EngineRules, LoadedModel
 from .models.schemas import ModelInfo
@@ -512,6 +513,7 @@ class RemoteMetrics:
     def __init__(self, client: PoolClient) -> None:
         self._client = client
         RELAY.on_stream = lambda: client.note("relayed")
+        quiet_no_gpu()  # the pool, which renders /metrics, logs why there is no GPU
 
     def render(self) -> bytes:
         return self._client.call("metrics")

@@ -1,5 +1,6 @@
 """The real service: /metrics parsed with prometheus_client's parser after real requests,
-/api/progress of a live stream, /health, and request ids in the real log file."""
+/api/progress of a live stream, /health, request ids in the real log file, and the gauges a
+gateway reads (KV cache, cache config, GPUs) with one worker and with several."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import openai
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import ServiceProcess, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -170,3 +173,109 @@ def test_log_lines_of_a_stream_carry_its_request_id(base_url, service):
     for line in mine:
         match = LINE.match(line)
         assert match and match.group(1) == rid, line
+
+
+# --- issue 21: what a gateway reads, with one worker and with several ----------------------
+
+def host_gpus() -> int:
+    """The NVIDIA GPUs of this host, asked of NVML directly (0 without a driver)."""
+    import pynvml
+
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return 0
+    try:
+        return pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@pytest.fixture(scope="module", params=["1", "2"], ids=["one-worker", "two-workers"])
+def gateway_service(request, tmp_path_factory, real_models, engine_binary):
+    """The real service with one worker (its engines are its children) or two (an engine pool
+    process owns the engines and renders /metrics for both)."""
+    svc = ServiceProcess(tmp_path_factory.mktemp(f"gateway{request.param}"), real_models,
+                         args=["--parallel", "2"],
+                         extra_env={"OLLAMA_SERVER_WORKERS": request.param})
+    svc.ready_or_stopped()
+    svc.workers = request.param
+    yield svc
+    engines = svc.engines()
+    code = svc.stop()
+    assert not [p for p in engines if pid_alive(p)], "llama-server left after the stop"
+    assert code == 0, svc.log()
+
+
+def kv_usage(found: dict) -> float | None:
+    return found.get(("vllm:kv_cache_usage_perc", (("model_name", MODEL),)))
+
+
+def test_kv_cache_and_cache_config_for_a_gateway(gateway_service):
+    base = gateway_service.base_url
+    pool = requests.get(base + "/health", timeout=30).json()["engine_pool"]
+    assert (pool is not None) == (gateway_service.workers == "2")  # the mode under test
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    answer = client.chat.completions.create(model=MODEL, max_tokens=8,
+                                            messages=[{"role": "user", "content": "Hi"}])
+    assert answer.choices[0].message.content
+    found = scrape(base)
+    assert 0.0 <= kv_usage(found) <= 1.0
+    (context,) = [dict(k)["context_length"] for (n, k) in found
+                  if n == "ollama_server_model_loaded" and dict(k)["model"] == MODEL]
+    configs = {k: v for (n, k), v in found.items() if n == "vllm:cache_config_info"}
+    (labels,) = [dict(k) for k in configs if dict(k)["model_name"] == MODEL]
+    assert configs[tuple(sorted(labels.items()))] == 1.0
+    assert labels["num_gpu_blocks"] == labels["kv_cache_size_tokens"] == context == "8192"
+    assert (labels["block_size"], labels["cache_dtype"], labels["enable_prefix_caching"]) == (
+        "1", "f16", "True")
+    assert int(labels["kv_cache_memory_bytes"]) > 0  # the engine's KV buffers, from its log
+
+    # In the middle of a long stream its slot holds the prompt and the tokens so far.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=4000, stream=True, extra_body={"ignore_eos": True})
+    chunks, usage = 0, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+        if chunks >= 8:
+            # An engine that does not answer within the timeout is left out of a scrape:
+            # read on (the stream goes on for thousands of tokens) and scrape again.
+            usage = kv_usage(scrape(base))
+            if usage is not None or chunks >= 40:
+                break
+    stream.close()
+    assert usage is not None, "no vllm:kv_cache_usage_perc sample while the stream ran"
+    assert 0.0 < usage <= 1.0
+    assert usage * int(labels["kv_cache_size_tokens"]) >= chunks  # prompt + tokens so far
+
+    # The stream cancelled, its slot is idle again: the cache counts as free.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = scrape(base)
+        if kv_usage(found) == 0.0 and found[("vllm:num_requests_running",
+                                             (("model_name", MODEL),))] == 0:
+            break
+        time.sleep(0.2)
+    assert kv_usage(found) == 0.0
+
+
+def test_gpu_series_or_one_line_saying_why_not(gateway_service):
+    base = gateway_service.base_url
+    texts = []
+    for _ in range(3):
+        requests.get(base + "/health", timeout=30)
+        texts.append(requests.get(base + "/metrics", timeout=30).text)
+    log_file = gateway_service.log_path.parent / "logs" / "server.log"
+    said = [line for line in log_file.read_text().splitlines() if "no NVIDIA GPU" in line]
+    if host_gpus():  # a host with a GPU: its series, nothing said
+        assert all("ollama_server_gpu_utilization_ratio{" in t for t in texts)
+        assert said == []
+        return
+    assert all("ollama_server_gpu_" not in text for text in texts)
+    # One line for the service: a single worker says it, or the engine pool (its workers
+    # say it at debug level only).
+    assert len(said) == 1 and " - INFO - " in said[0], said
+    assert "NVML not found" in said[0]
+
