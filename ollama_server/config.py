@@ -274,18 +274,37 @@ class Config:
         ``api_key`` is named ``default``; ``api_keys`` adds named keys, from the mapping or
         from its file (read again whenever the file changes). ConfigError when malformed.
         """
-        entries: dict[str, str] = {}
+        return {name: key for name, (key, _) in self._key_table().items()}
+
+    def key_priority(self, name: str | None) -> int:
+        """The priority class of the caller whose key is named ``name`` (0: none given, or
+        no key): the admission queue serves higher classes first (models/admission.py)."""
+        if not name:
+            return 0
+        entry = self._key_table().get(name)
+        return entry[1] if entry else 0
+
+    def _key_table(self) -> dict[str, tuple[str, int]]:
+        entries: dict[str, tuple[str, int]] = {}
         if self.api_key:
-            entries["default"] = self.api_key
+            entries["default"] = (self.api_key, 0)
         keys = self.api_keys
         if isinstance(keys, str):
             keys = _read_key_file(_abs(keys))
-        for name, key in (keys or {}).items():
+        for name, spec in (keys or {}).items():
+            key, priority = spec, 0
+            if isinstance(spec, dict):  # {key: ..., priority: high}
+                unknown = set(spec) - {"key", "priority"}
+                if unknown:
+                    raise ConfigError(f"api_keys.{name}: unknown field(s) "
+                                      f"{', '.join(sorted(unknown))}; give key and priority")
+                key = spec.get("key")
+                priority = parse_priority(spec.get("priority", 0), f"api_keys.{name}")
             if not name or not key:
                 raise ConfigError(f"api_keys: every entry needs a name and a key, got "
                                   f"{name!r}")
-            entries[name] = key
-        if len(set(entries.values())) < len(entries):
+            entries[name] = (str(key), priority)
+        if len({key for key, _ in entries.values()}) < len(entries):
             raise ConfigError("api_keys: two names share one key; give each caller its own")
         return entries
 
@@ -311,12 +330,31 @@ class Config:
         return next((v for k, v in self.model_settings.items() if norm(k) == wanted), {})
 
 
-_KEY_FILES: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
+PRIORITY_NAMES = {"low": -1, "normal": 0, "high": 1}
 
 
-def _read_key_file(path: Path) -> dict[str, str]:
-    """``name: key`` lines (``#`` comments and blank lines skipped), cached until the file's
-    modification time or size changes."""
+def parse_priority(value: Any, where: str) -> int:
+    """A priority class: low, normal, high, or an integer (higher is served first)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: priority must be low, normal, high or an integer")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    if text in PRIORITY_NAMES:
+        return PRIORITY_NAMES[text]
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{where}: priority must be low, normal, high or an integer, got "
+                          f"{value!r}") from None
+
+
+_KEY_FILES: dict[Path, tuple[tuple[int, int], dict[str, Any]]] = {}
+
+
+def _read_key_file(path: Path) -> dict[str, Any]:
+    """``name: key`` lines, optionally ``name: key priority=high`` (``#`` comments and blank
+    lines skipped), cached until the file's modification time or size changes."""
     try:
         st = path.stat()
     except OSError as exc:
@@ -335,7 +373,13 @@ def _read_key_file(path: Path) -> dict[str, str]:
             raise ConfigError(f"api_keys: line {number} of {path} is not 'name: key'")
         if name.strip() in entries:
             raise ConfigError(f"api_keys: the name {name.strip()!r} appears twice in {path}")
-        entries[name.strip()] = key.strip()
+        key, _, rest = key.strip().partition(" ")
+        rest = rest.strip()
+        if rest and not rest.startswith("priority="):
+            raise ConfigError(f"api_keys: line {number} of {path} is not 'name: key' or "
+                              f"'name: key priority=high'")
+        entries[name.strip()] = {"key": key, "priority": parse_priority(
+            rest.removeprefix("priority=") or 0, f"api_keys: line {number} of {path}")}
     _KEY_FILES[path] = (stamp, entries)
     return entries
 
@@ -514,8 +558,8 @@ def _coerce_mapping(key: str, value: Any) -> Any:
         value = {name.strip(): key_.strip() for name, _, key_ in pairs}
     if not isinstance(value, dict):
         raise ValueError("expected a mapping")
-    if key == "api_keys":
-        return {str(k): str(v) for k, v in value.items()}
+    if key == "api_keys":  # name: key, or name: {key: ..., priority: ...}
+        return {str(k): (v if isinstance(v, dict) else str(v)) for k, v in value.items()}
     return {str(k): v for k, v in value.items()}
 
 

@@ -240,15 +240,17 @@ class PoolClient:
 
     def lease(self, info: ModelInfo, num_ctx: int | None, slot: bool,
               abandoned: Callable[[], bool] | None,
-              admitted: Callable[[], None] | None) -> tuple[Connection, EngineView, float]:
+              admitted: Callable[[], None] | None, priority: int = 0,
+              request_id: str | None = None) -> tuple[Connection, EngineView, float]:
         """Acquire an engine in the pool; the connection is held until end_lease()."""
         conn = self._take()
+        message = ("acquire", info, num_ctx, slot, priority, request_id)
         try:
-            conn.send(("acquire", info, num_ctx, slot))
+            conn.send(message)
         except OSError:
             conn.close()
             conn = self._connect()
-            conn.send(("acquire", info, num_ctx, slot))
+            conn.send(message)
         try:
             while True:
                 while not conn.poll(POLL_S):
@@ -348,6 +350,9 @@ class _RemoteQueue:
     def snapshot(self) -> dict[str, dict[str, float]]:
         return self._client.call("queue_snapshot")
 
+    def positions(self) -> dict[str, dict[str, int | str]]:
+        return self._client.call("queue_positions")
+
 
 class RemoteManager:
     """ModelManager's surface for a worker: models from the store it reads itself, engines
@@ -376,8 +381,10 @@ class RemoteManager:
 
     def acquire(self, info: ModelInfo, num_ctx: int | None = None, *, slot: bool = True,
                 abandoned: Callable[[], bool] | None = None,
-                admitted: Callable[[], None] | None = None) -> tuple[RemoteEngine, float]:
-        conn, view, load_s = self.client.lease(info, num_ctx, slot, abandoned, admitted)
+                admitted: Callable[[], None] | None = None, priority: int = 0,
+                request_id: str | None = None) -> tuple[RemoteEngine, float]:
+        conn, view, load_s = self.client.lease(info, num_ctx, slot, abandoned, admitted,
+                                               priority, request_id)
         with self._lock:
             self._leases.setdefault((info.name, slot), []).append(conn)
         return RemoteEngine(view, self.client, self.streams), load_s
@@ -570,12 +577,13 @@ class PoolServer:
         conn.send(result)
 
     def _lease(self, conn: Connection, info: ModelInfo, num_ctx: int | None,
-               slot: bool) -> None:
+               slot: bool, priority: int = 0, request_id: str | None = None) -> None:
         """One engine lease: held until the worker releases it or its connection ends."""
         try:
             engine, load_s = self.manager.acquire(
                 info, num_ctx, slot=slot, abandoned=conn.poll,
-                admitted=lambda: conn.send(("admitted", None)))
+                admitted=lambda: conn.send(("admitted", None)), priority=priority,
+                request_id=request_id)
         except Exception as exc:  # noqa: BLE001 - the worker raises it
             if not isinstance(exc, Cancelled):
                 conn.send(("err", _pack_error(exc)))
@@ -698,6 +706,9 @@ class PoolServer:
 
     def do_queue_snapshot(self) -> dict[str, dict[str, float]]:
         return self.manager.queue.snapshot()
+
+    def do_queue_positions(self) -> dict[str, dict[str, int | str]]:
+        return self.manager.queue.positions()
 
     def do_unload(self, name: str) -> bool:
         return self.manager.unload(name)

@@ -21,7 +21,7 @@ from flask import Blueprint, Response, jsonify
 
 from ..metrics import CHART_BIN_S, CHART_WINDOW_S, gpu_snapshot, throughput_series
 from .handlers import services
-from .monitoring import loaded_models_view
+from .monitoring import loaded_models_view, request_views
 
 bp = Blueprint("dashboard", __name__)
 
@@ -55,7 +55,7 @@ def dashboard_state() -> dict:
         "queues": queues,
         "max_queue": svc.config.max_queue,
         "gpu": None if gpu is None else gpu.to_dict(),
-        "active": [s.to_dict() for s in active],
+        "active": request_views(active),
         "recent": [s.to_dict() for s in history[:RECENT_ROWS]],
         "totals": totals,
         "throughput": {"bin_s": CHART_BIN_S, "window_s": CHART_WINDOW_S,
@@ -234,6 +234,8 @@ function renderActive(d) {
       '<span class="badge ' + esc(r.state) + '">' + esc(r.state) + "</span>" +
       "<span>" + esc(r.dialect) + " · " + esc(r.endpoint) + (r.stream ? " · stream" : "") +
       (r.caller ? " · key " + esc(r.caller) : "") +
+      (r.queue_position ? " · place " + num(r.queue_position) + " of " + num(r.queue_length) +
+        " in line" + (r.priority ? " (priority " + num(r.priority) + ")" : "") : "") +
       '</span><span class="mono">' + esc(r.id) + "</span></div>" +
       '<div class="bar' + (pct == null ? " open" : "") + '"><span style="width:' + (pct || 0) +
       '%"></span></div><div class="nums"><span><b class="tokens">' + num(r.tokens_generated) +
@@ -279,7 +281,9 @@ function renderRecent(d) {
       (r.error ? '<div class="err">' + esc(r.error) + "</div>" : "")],
     ["Model", (r) => esc(r.model)],
     ["API", (r) => esc(r.dialect) + ' <span class="meta">' + esc(r.endpoint) +
-      (r.caller ? " · key " + esc(r.caller) : "") + "</span>"],
+      (r.caller ? " · key " + esc(r.caller) : "") +
+      (r.queue_position ? " · place " + num(r.queue_position) + " of " + num(r.queue_length) +
+        " in line" + (r.priority ? " (priority " + num(r.priority) + ")" : "") : "") + "</span>"],
     ["Tokens", (r) => num(r.prompt_tokens) + " → " + num(r.tokens_generated) +
       (r.finish_reason ? ' <span class="meta">' + esc(r.finish_reason) + "</span>" : "")],
     ["Latency", (r) => dur(r.elapsed_s)],

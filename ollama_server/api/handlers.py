@@ -31,7 +31,9 @@ def caller() -> generation.Caller:
     """The current request's caller (nobody outside a request)."""
     if not has_request_context():
         return generation.NOBODY
-    return generation.Caller(request_id=g.get("request_id"), key_name=g.get("caller"),
+    key = g.get("caller")
+    return generation.Caller(request_id=g.get("request_id"), key_name=key,
+                             priority=services().config.key_priority(key),
                              gone=client_gone_check())
 
 

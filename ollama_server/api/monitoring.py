@@ -181,20 +181,39 @@ def health() -> Response:
     return jsonify(body)
 
 
+def request_views(statuses: list) -> list[dict]:
+    """The statuses as dicts; one waiting for a slot also gets its place in its model's line
+    (``queue_position``, 1: next; ``queue_length``) and its priority class."""
+    views = [s.to_dict() for s in statuses]
+    if any(v["state"] == "queued" for v in views):
+        svc = services()
+        try:
+            places = svc.manager.queue.positions()
+        except Exception:  # noqa: BLE001 - a view shows what it can
+            places = {}
+        for view in views:
+            place = places.get(view["id"])
+            if place is not None:
+                view.update(queue_position=place["position"], queue_length=place["waiting"],
+                            priority=svc.config.key_priority(view.get("caller")))
+    return views
+
+
 @bp.get("/api/progress/<request_id>")
 def progress(request_id: str) -> Response:
-    """Live status of one request (tokens so far, time to first token, tokens/s)."""
+    """Live status of one request (tokens so far, time to first token, tokens/s; its place
+    in the queue while it waits for a slot)."""
     status = services().tracker.get(request_id)
     if status is None:
         raise NotFound(f"request '{request_id}' not found")
-    return jsonify(status.to_dict())
+    return jsonify(request_views([status])[0])
 
 
 @bp.get("/api/requests")
 def requests_list() -> Response:
     """Requests in flight and recently finished, with totals."""
     tracker = services().tracker
-    return jsonify({"active": [s.to_dict() for s in tracker.active()],
+    return jsonify({"active": request_views(tracker.active()),
                     "recent": [s.to_dict() for s in tracker.recent()],
                     "totals": tracker.totals_now()})
 

@@ -160,7 +160,8 @@ class EnginePool(EngineRules):
 
     def acquire(self, info: ModelInfo, num_ctx: int | None = None, *, slot: bool = True,
                 abandoned: Callable[[], bool] | None = None,
-                admitted: Callable[[], None] | None = None) -> tuple[LLAMAExecutor, float]:
+                admitted: Callable[[], None] | None = None, priority: int = 0,
+                request_id: str | None = None) -> tuple[LLAMAExecutor, float]:
         """A ready engine for ``info`` and the seconds spent loading it; pair with release().
 
         Loads the model (evicting idle ones over the cap) or restarts it with a larger context
@@ -169,12 +170,13 @@ class EnginePool(EngineRules):
         waiting in the model's bounded queue: QueueFull past ``max_queue``, Cancelled when
         ``abandoned()`` turns true while waiting; ``admitted()`` is called once it has its
         slot. release() with the same ``slot`` gives the slot back. Tokenizing and templates
-        take none.
+        take none. ``priority`` (the caller's key's class) orders the queue; ``request_id``
+        names the request in the queue's positions.
         """
         if slot:
             c = self.config
             self.queue.enter(info.name, self.parallel_for(info.name), c.max_queue,
-                             c.request_timeout, abandoned)
+                             c.request_timeout, abandoned, priority, request_id)
         try:
             if admitted is not None:
                 admitted()

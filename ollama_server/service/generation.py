@@ -76,6 +76,7 @@ class Caller:
 
     request_id: str | None = None  # the id the response carries (X-Request-Id), if any
     key_name: str | None = None  # the API key's name (None: no keys)
+    priority: int = 0  # the key's priority class (api_keys): the queue serves higher first
     gone: Callable[[], bool] | None = None
 
 
@@ -421,7 +422,8 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services,
     try:
         engine, load_s = svc.manager.acquire(
             info, req.num_ctx, abandoned=_abandoned(cancel, caller),
-            admitted=lambda: tracker.set_state(req.request_id, RequestState.LOADING))
+            admitted=lambda: tracker.set_state(req.request_id, RequestState.LOADING),
+            priority=caller.priority, request_id=req.request_id)
         acquired = True
         tracker.set_state(req.request_id, RequestState.PROCESSING)
         if req.stop_token_ids:
@@ -467,7 +469,8 @@ def run_embeddings(model: str, inputs: list[Any], endpoint: str, dialect: str, s
                                caller=caller.key_name,
                                caller_limit=svc.config.max_requests_per_key)
     try:
-        engine, load_s = svc.manager.acquire(info, abandoned=_abandoned(cancel, caller))
+        engine, load_s = svc.manager.acquire(info, abandoned=_abandoned(cancel, caller),
+                                             priority=caller.priority, request_id=rid)
         try:
             vectors, tokens = engine.embed(fit_embedding_inputs(inputs, engine, truncate))
         finally:
