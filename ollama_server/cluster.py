@@ -397,6 +397,16 @@ def in_flight(inst: Instance) -> int:
     return int(body.get("slots_busy", 0)) + int(body.get("requests_waiting", 0))
 
 
+def _answers(url: str, timeout: float) -> bool:
+    """Whether ``url`` answers 200 within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while probe(url, 2.0)[0] != 200:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def rolling_update(instances: list[Instance], timeout: float, settle_s: float = 3.0,
                    say: Callable[[str], Any] = print) -> int:
     """Drain, update (SIGUSR2) and bring back each instance in turn; 0 when every one took the
@@ -418,20 +428,14 @@ def rolling_update(instances: list[Instance], timeout: float, settle_s: float = 
             name = inst.name
             if update(master, timeout, say=lambda line, name=name: say(f"{name}: {line}")):
                 return 1
-            deadline = time.monotonic() + timeout
-            while probe(inst.url + "/health/live", 2.0)[0] != 200:
-                if time.monotonic() > deadline:
-                    say(f"{inst.name}: not answering after its update")
-                    return 1
-                time.sleep(0.2)
+            if not _answers(inst.url + "/health/live", timeout):
+                say(f"{inst.name}: not answering after its update")
+                return 1
         finally:
             inst.drain_file.unlink(missing_ok=True)
-        deadline = time.monotonic() + timeout
-        while probe(inst.url + "/health/ready", 2.0)[0] != 200:
-            if time.monotonic() > deadline:
-                say(f"{inst.name}: not ready after its update")
-                return 1
-            time.sleep(0.2)
+        if not _answers(inst.url + "/health/ready", timeout):
+            say(f"{inst.name}: not ready after its update")
+            return 1
         time.sleep(settle_s)  # the balancer hears "ready" before the next one drains
         say(f"{inst.name}: updated and back in the balancer")
     return 0

@@ -14,7 +14,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ServiceProcess, pid_alive
+from tests.helpers import ServiceProcess, host_gpus, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -176,20 +176,6 @@ def test_log_lines_of_a_stream_carry_its_request_id(base_url, service):
 
 
 # --- issue 21: what a gateway reads, with one worker and with several ----------------------
-
-def host_gpus() -> int:
-    """The NVIDIA GPUs of this host, asked of NVML directly (0 without a driver)."""
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-
 
 @pytest.fixture(scope="module", params=["1", "2"], ids=["one-worker", "two-workers"])
 def gateway_service(request, tmp_path_factory, real_models, engine_binary):

@@ -29,6 +29,7 @@ from ollama_server.metrics import (
     read_slots,
 )
 from ollama_server.models.pool import LoadedModel
+from tests.helpers import host_gpus
 
 MIB = 1024 * 1024
 
@@ -393,20 +394,6 @@ def test_parse_gpu_csv_with_stats():
 
 
 # --- no GPU, for real (this host: the real pynvml, the real NVML library and nvidia-smi) ------
-
-def host_gpus() -> int:
-    """The NVIDIA GPUs of this host, asked of NVML directly (0 without a driver)."""
-    import pynvml
-
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return 0
-    try:
-        return pynvml.nvmlDeviceGetCount()
-    finally:
-        pynvml.nvmlShutdown()
-
 
 @pytest.fixture
 def fresh_gpu_reader(monkeypatch):
