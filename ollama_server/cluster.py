@@ -12,6 +12,9 @@ configuration (the same file, environment and flags as ``ollama_server.main``), 
    again (an instance updated with SIGUSR2 hands its port to its successor and exits: that is
    not a failure); Ctrl-C or SIGTERM stops HAProxy, then drains and stops every instance.
 
+With ``--netns`` (root, iproute2) each instance runs in a network namespace of its own behind a
+veth pair, a host of its own as far as HAProxy can tell (the tests use it).
+
 ``python -m ollama_server.cluster render`` prints the HAProxy configuration only (for an
 HAProxy of your own, or to read it); ``status`` shows each instance as HAProxy and the
 instance itself see it; ``update`` is the rolling update of a running cluster: one
@@ -63,6 +66,13 @@ class Instance:
     port: int
     agent_port: int
     drain_file: Path
+    netns: str | None = None  # the network namespace it runs in (--netns), else this host's
+
+    @property
+    def veth(self) -> tuple[str, str]:
+        """(this host's end, the namespace's end) of its veth pair (--netns)."""
+        tag = f"{self.port % 100000}"
+        return f"lc{tag}", f"ln{tag}"
 
     @property
     def url(self) -> str:
@@ -74,17 +84,56 @@ def run_dir(config: Config) -> Path:
     return _abs(config.log_dir) / "cluster"
 
 
-def plan(config: Config, count: int, host: str = "127.0.0.1") -> list[Instance]:
-    """The instances of a cluster of ``count`` on this host; ConfigError when a port would
-    pass 65535."""
+def plan(config: Config, count: int, netns: bool = False) -> list[Instance]:
+    """The instances of a cluster of ``count`` on this host (on loopback, or with ``netns``
+    each in its own network namespace at the far end of a veth pair, 10.231.<i>.x/30);
+    ConfigError when a port would pass 65535."""
     if count < 1:
         raise ConfigError(f"a cluster needs at least one instance, got {count}")
     if config.port + AGENT_OFFSET + count > 65535:
         raise ConfigError(f"port {config.port} leaves no room for {count} instances (ports "
                           f"port+1..port+{count}, agents port+{AGENT_OFFSET + 1}..)")
     where = run_dir(config)
-    return [Instance(f"inst{i}", host, config.port + i, config.port + AGENT_OFFSET + i,
-                     where / f"inst{i}.drain") for i in range(1, count + 1)]
+    out = []
+    for i in range(1, count + 1):
+        host, ns = "127.0.0.1", None
+        if netns:  # a /30 per instance, placed by the port so that two clusters differ
+            block = (config.port + i) % 64
+            host, ns = f"10.231.{i}.{4 * block + 2}", f"llm-cluster-{config.port + i}"
+        out.append(Instance(f"inst{i}", host, config.port + i, config.port + AGENT_OFFSET + i,
+                            where / f"inst{i}.drain", ns))
+    return out
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"ip {' '.join(args)} failed: {done.stderr.strip()} (network "
+                         f"namespaces need root and iproute2)")
+
+
+def netns_up(inst: Instance) -> None:
+    """Make ``inst``'s namespace and veth pair (this host's end .1, the namespace's .2)."""
+    assert inst.netns is not None
+    netns_down(inst)
+    near, far = inst.veth
+    outer = inst.host.rsplit(".", 1)[0] + "." + str(int(inst.host.rsplit(".", 1)[1]) - 1)
+    _ip("netns", "add", inst.netns)
+    _ip("link", "add", near, "type", "veth", "peer", "name", far)
+    _ip("link", "set", far, "netns", inst.netns)
+    _ip("addr", "add", f"{outer}/30", "dev", near)
+    _ip("link", "set", near, "up")
+    for args in (("addr", "add", f"{inst.host}/30", "dev", far), ("link", "set", far, "up"),
+                 ("link", "set", "lo", "up")):
+        _ip("netns", "exec", inst.netns, "ip", *args)
+
+
+def netns_down(inst: Instance) -> None:
+    """Remove ``inst``'s namespace and veth pair, if there (deleting one end removes both)."""
+    if inst.netns is None:
+        return
+    subprocess.run(["ip", "netns", "del", inst.netns], capture_output=True)
+    subprocess.run(["ip", "link", "del", inst.veth[0]], capture_output=True)
 
 
 def _quote(text: str) -> str:
@@ -238,9 +287,9 @@ class Cluster:
     """N instances and HAProxy, started and supervised from this process."""
 
     def __init__(self, config: Config, count: int, service_args: list[str],
-                 say: Callable[[str], Any] = print) -> None:
+                 say: Callable[[str], Any] = print, netns: bool = False) -> None:
         self.config = config
-        self.instances = plan(config, count)
+        self.instances = plan(config, count, netns)
         self.service_args = service_args
         self.say = say
         self.dir = run_dir(config)
@@ -261,6 +310,8 @@ class Cluster:
         inst.drain_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "ollama_server.main", *self.service_args,
                "--host", inst.host, "--port", str(inst.port)]
+        if inst.netns is not None:
+            cmd = ["ip", "netns", "exec", inst.netns, *cmd]
         log = open(self.dir / inst.name / "stdout.log", "ab")  # noqa: SIM115 - the child's
         parent = os.getpid()
         proc = subprocess.Popen(
@@ -280,6 +331,8 @@ class Cluster:
         if check.returncode != 0:
             raise SystemExit(f"HAProxy refused the configuration {cfg}:\n{check.stderr}")
         for inst in self.instances:
+            if inst.netns is not None:
+                netns_up(inst)
             self.start_instance(inst)
         deadline = time.monotonic() + timeout
         for inst in self.instances:
@@ -349,6 +402,11 @@ class Cluster:
             except ProcessLookupError:
                 pass
         _reap()
+
+    def cleanup(self) -> None:
+        """The network namespaces of --netns, once every instance has stopped."""
+        for inst in self.instances:
+            netns_down(inst)
 
 
 def _children_of(pid: int) -> set[int]:
@@ -501,7 +559,7 @@ def _service_args(argv: list[str]) -> list[str]:
         if name in ("--instances", "-n", "--ready-timeout", "--host", "--port"):
             skip = 0 if "=" in arg else 1
             continue
-        if arg in ("run", "render", "update", "status"):
+        if arg in ("run", "render", "update", "status", "--netns"):
             continue
         out.append(arg)
     return out
@@ -519,8 +577,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", "-n", type=int, default=3)
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds each instance may take to start")
+    parser.add_argument("--netns", action="store_true",
+                        help="each instance in its own network namespace behind a veth pair "
+                             "(10.231.<i>.x; as root, needs iproute2): hosts of their own, "
+                             "for tests")
     args = parser.parse_args(argv)
-    own = {"command", "instances", "ready_timeout"}
+    own = {"command", "instances", "ready_timeout", "netns"}
     overrides = {k: v for k, v in vars(args).items()
                  if k not in own | {"config"} and v is not None}
     if args.debug:
@@ -531,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     service_args = _service_args(sys.argv[1:] if argv is None else argv)
-    cluster = Cluster(config, args.instances, service_args)
+    cluster = Cluster(config, args.instances, service_args, netns=args.netns)
     if args.command == "render":
         sys.stdout.write(render_haproxy(config, cluster.instances, stats_socket=cluster.socket))
         return 0
@@ -549,10 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         cluster.stop()
         cluster.wait_stopped(config.shutdown_timeout + 30)
+        cluster.cleanup()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     cluster.stop()
     cluster.wait_stopped(config.shutdown_timeout + 30)
+    cluster.cleanup()
     return status
 
 

@@ -9,8 +9,9 @@ of every instance under a polling client fails no request; ``kill -9`` of an ins
 load fails no request that had not started streaming, ends its streams with an error, and the
 cluster is whole again after.
 
-The instances run in loopback ports of this machine, not in network namespaces: what crosses
-between them and the balancer is the same TCP either way.
+As root (CI, and these machines) each instance runs in its own network namespace behind a veth
+pair (``--netns``): a host of its own as far as the network goes, reached by HAProxy over the
+veth. Elsewhere the instances listen on loopback ports of this machine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +36,8 @@ import pytest
 import requests
 from huggingface_hub import InferenceClient
 
-from ollama_server.cluster import server_states
+from ollama_server.cluster import plan, server_states
+from ollama_server.config import load_config
 from tests.helpers import ROOT, children_of, pid_alive, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -68,6 +71,8 @@ def _base_port(instances: int) -> int:
 class Cluster:
     def __init__(self, tmp: Path, models: Path, instances: int = INSTANCES,
                  extra_config: str = "") -> None:
+        if shutil.which("haproxy") is None and not os.access("/usr/sbin/haproxy", os.X_OK):
+            subprocess.run(["make", "haproxy"], cwd=ROOT, check=True)  # Debian's package
         self.instances = instances
         self.port = _base_port(instances)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -78,13 +83,18 @@ class Cluster:
         self.out = open(tmp / "cluster.out", "wb")  # noqa: SIM115 - closed in stop()
         self.args = ["--config", str(self.config), "--model-dir", str(models), "--port",
                      str(self.port), "--instances", str(instances)]
+        self.netns = os.geteuid() == 0 and shutil.which("ip") is not None
+        if self.netns:
+            self.args.append("--netns")
+        self.plan = plan(load_config(overrides={"port": self.port, "log_dir": str(tmp / "logs")},
+                                     environ={}), instances, self.netns)
         self.proc = subprocess.Popen([sys.executable, "-m", "ollama_server.cluster",
                                       *self.args], cwd=ROOT, stdout=self.out,
                                      stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def instance_url(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.port + i}"
+        return self.plan[i - 1].url
 
     def instance_of(self, name: str) -> int:
         return int(name.removeprefix("inst"))
@@ -141,10 +151,15 @@ def started(c: Cluster) -> Cluster:
 def cluster(tmp_path_factory, real_models, engine_binary):
     c = started(Cluster(tmp_path_factory.mktemp("cluster"), real_models))
     yield c
+    if c.netns:  # the instances were hosts of their own
+        assert [i.host for i in c.plan] == [f"10.231.{n}.{4 * ((c.port + n) % 64) + 2}"
+                                           for n in range(1, INSTANCES + 1)]
     launcher = c.proc.pid
     descendants = [p for child in children_of(launcher) for p in [child, *children_of(child)]]
     assert c.stop() == 0, c.log()
     assert not [p for p in descendants if pid_alive(p)], "left running after the stop"
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [i.netns for i in c.plan if i.netns and i.netns in namespaces], namespaces
 
 
 def oai(base: str, **kw) -> openai.OpenAI:
