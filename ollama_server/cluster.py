@@ -197,7 +197,7 @@ def render_haproxy(config: Config, instances: list[Instance], *, bind: str | Non
         "# Rendered by `python -m ollama_server.cluster` from the service's configuration.",
         "global",
         "    log stdout format raw local0 info",
-        f"    maxconn {max(1024, 2 * maxconn * len(instances))}",
+        f"    maxconn {max(256, 2 * maxconn * len(instances))}",
         f"    tune.bufsize {BUFSIZE}",
     ]
     if stats_socket is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -175,6 +176,26 @@ def host_gpus() -> int:
         return pynvml.nvmlDeviceGetCount()
     finally:
         pynvml.nvmlShutdown()
+
+
+def cluster_port(instances: int) -> int:
+    """A port P with P, P+1..P+n and the agent ports P+101..P+100+n free (cluster.plan)."""
+    def free(ports: list[int]) -> bool:
+        for port in ports:
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+        return True
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000)
+        if free([base, *range(base + 1, base + instances + 1),
+                 *range(base + 101, base + instances + 101)]):
+            return base
+    raise AssertionError("no free block of ports for the cluster")
 
 
 def free_port() -> int:

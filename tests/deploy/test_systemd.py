@@ -3,19 +3,23 @@ one in a podman container (systemd as PID 1, a lingering user "svc"), installs t
 with ./install-user-service.sh from a copy of this checkout (the engine build and the models
 mounted from the host), drives it with systemctl --user, ./service-status-user.sh,
 ./update-service.sh and journalctl --user, and calls the service from the host in between (the
-container shares the host's network). Plus `systemd-analyze verify` of the unit on the host."""
+container shares the host's network). Then the same with two instances behind HAProxy
+(--instances 2: the units llm-inference@1, llm-inference@2 and llm-inference-balancer), called
+through the balancer while ./update-service.sh --all updates them one at a time. Plus
+`systemd-analyze verify` of the unit on the host."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 
 import openai
 import pytest
 import requests
 
 from tests.deploy import podman as pm
-from tests.helpers import ROOT, free_port, wait_for
+from tests.helpers import ROOT, cluster_port, free_port, wait_for
 
 # Image builds on a cold cache take minutes (warm: seconds).
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(1800)]
@@ -63,7 +67,11 @@ class Machine:
 def machine(engine_binary, real_models):
     pm.build(pm.SYSTEMD_IMAGE, ROOT / "tests/container/Containerfile.systemd", ROOT)
     name = f"llm-inference-systemd-{os.getpid()}"
+    # nofile: HAProxy (the balancer of the last test) needs about 2 descriptors per connection
+    # of its global maxconn, more than containers.conf's 1024 (within this host's hard limit);
+    # naming one limit drops containers.conf's others, hence nproc again.
     pm.podman("run", "-d", "--name", name, "--systemd=always", "--privileged",
+              "--ulimit", "nofile=8192:8192", "--ulimit", "nproc=1024:1024",
               "--network", "host", "-v", f"{ROOT}:/src:ro",
               "-v", f"{engine_binary.parent}:/engine:ro", "-v", f"{real_models}:/models:ro",
               pm.SYSTEMD_IMAGE)
@@ -142,3 +150,110 @@ def test_user_unit_lifecycle_under_systemd(machine):
     machine.svc("./install-user-service.sh --uninstall")
     assert machine.svc(f"test -e ~/.config/systemd/user/{UNIT}.service",
                        check=False).returncode == 1
+
+
+class Poller:
+    """A client calling the balancer without a pause, in a thread: a listing, then a chat
+    (routed by its model); every answer but a 200 is a failure."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.ok = 0
+        self.failures: list[str] = []
+        self.served_by: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        chat = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+        while not self._stop.is_set():
+            for method, path, body in (("GET", "/v1/models", None),
+                                       ("POST", "/v1/chat/completions", chat)):
+                try:
+                    resp = requests.request(method, self.base_url + path, json=body, timeout=180)
+                except requests.RequestException as exc:
+                    self.failures.append(f"{method} {path}: {exc}")
+                    continue
+                if resp.status_code == 200:
+                    self.ok += 1
+                    self.served_by.add(resp.headers.get("X-Served-By", "?"))
+                else:
+                    self.failures.append(f"{method} {path}: {resp.status_code} {resp.text[:200]}")
+
+    def __enter__(self) -> Poller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=200)
+
+
+def test_instances_behind_the_balancer_roll_over_under_systemd(machine):
+    balancer, instances = f"{UNIT}-balancer", [f"{UNIT}@1", f"{UNIT}@2"]
+    # Debian's HAProxy in the machine (tests/container/Containerfile.systemd has none); its own
+    # system service is not wanted.
+    if machine.root("test", "-x", "/usr/sbin/haproxy", check=False).returncode != 0:
+        machine.root("sh", "-c", "apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "
+                     "apt-get install -y -q --no-install-recommends haproxy >/dev/null && "
+                     "systemctl disable --now haproxy")
+    port = cluster_port(2)
+    base_url = f"http://127.0.0.1:{port}"
+    machine.svc("rm -f ~/.config/llm-inference/environment")  # the last test's API key
+    install = machine.svc(f"./install-user-service.sh --models /models --llama-cpp-dir /engine "
+                          f"--port {port} --python /opt/venv/bin/python --instances 2 --start",
+                          check=False)
+    journal = machine.svc(f"journalctl --user -u {balancer} -u '{UNIT}@*' --no-pager -o cat "
+                          f"-n 30", check=False).stdout
+    assert install.returncode == 0, install.stdout + install.stderr + journal
+    out = install.stdout
+    assert f"installed /home/svc/.config/systemd/user/{balancer}.service" in out, out
+    assert f"for 2 instances on 127.0.0.1 ports {port + 1} {port + 2}" in out
+    pm.wait_healthy(base_url)
+    oai = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=180)
+    oai.chat.completions.create(model=MODEL, max_tokens=2,
+                                messages=[{"role": "user", "content": "hi"}])
+    # Both instances serve behind it (least connections over the listings).
+    wait_for(lambda: {requests.get(base_url + "/v1/models", timeout=10).headers.get(
+        "X-Served-By") for _ in range(6)} == {"inst1", "inst2"}, "both instances to serve", 60)
+
+    status = machine.svc("./service-status-user.sh").stdout.splitlines()
+    assert status[0].startswith(f"{balancer}: active (running), pid "), status
+    assert status[1].startswith(f"{base_url} (HAProxy): ok (HTTP 200)"), status
+    for i, unit in enumerate(instances, 1):
+        assert status[1 + i].startswith(f"{unit}: active (running), pid "), status
+        assert f"; port {port + i}: ok, " in status[1 + i], status
+
+    def show(unit: str) -> dict[str, str]:
+        out = machine.svc(f"systemctl --user show {unit} -p MainPID -p ActiveState -p Result")
+        return dict(line.split("=", 1) for line in out.stdout.splitlines())
+
+    before = {unit: show(unit)["MainPID"] for unit in instances}
+    with Poller(base_url) as poller:
+        out = machine.svc("./update-service.sh --all").stdout
+    assert "inst1: updated and back in the balancer" in out, out
+    assert "inst2: updated and back in the balancer" in out, out
+    assert poller.failures == [], poller.failures
+    print(f"\nrolling update of 2 instances: {poller.ok} answers through the balancer, none "
+          f"failed")
+    assert poller.ok > 10 and poller.served_by == {"inst1", "inst2"}, (poller.ok,
+                                                                         poller.served_by)
+    for unit in instances:  # a new main process each; the units stayed active throughout
+        after = show(unit)
+        assert after["MainPID"] != before[unit] and after["ActiveState"] == "active", after
+
+    # stop: the balancer first (it is ordered after its instances), then each instance; clean.
+    machine.svc(f"systemctl --user stop {balancer} {' '.join(instances)}")
+    for unit in (balancer, *instances):
+        assert show(unit)["ActiveState"] == "inactive" and show(unit)["Result"] == "success", \
+            (unit, show(unit))
+    left = machine.root("pgrep", "-u", "svc", "-f", "llama-server|ollama_server|haproxy",
+                        check=False)
+    assert left.stdout.strip() == ""
+    journal = machine.svc(f"journalctl --user -u {balancer} -u '{UNIT}@*' --no-pager -o cat"
+                          ).stdout
+    assert "SIGKILL" not in journal, "a stop had to kill processes"
+
+    machine.svc("./install-user-service.sh --uninstall")
+    assert machine.svc("find ~/.config/systemd/user -name 'llm-inference*'").stdout == ""
+    assert machine.svc("ls ~/.config/llm-inference").stdout.split() == ["environment"]

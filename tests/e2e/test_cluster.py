@@ -19,10 +19,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +36,7 @@ from huggingface_hub import InferenceClient
 
 from ollama_server.cluster import plan, server_states
 from ollama_server.config import load_config
-from tests.helpers import ROOT, children_of, pid_alive, wait_for
+from tests.helpers import ROOT, children_of, cluster_port, pid_alive, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -47,34 +45,13 @@ INSTANCES = 3
 PARALLEL = 4
 
 
-def _ports_free(ports: list[int]) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _base_port(instances: int) -> int:
-    """A port P with P, P+1..P+n and P+101..P+100+n free (the cluster's plan)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000)
-        if _ports_free([base, *(base + i for i in range(1, instances + 1)),
-                        *(base + 100 + i for i in range(1, instances + 1))]):
-            return base
-    raise AssertionError("no free block of ports for the cluster")
-
-
 class Cluster:
     def __init__(self, tmp: Path, models: Path, instances: int = INSTANCES,
                  extra_config: str = "") -> None:
         if shutil.which("haproxy") is None and not os.access("/usr/sbin/haproxy", os.X_OK):
             subprocess.run(["make", "haproxy"], cwd=ROOT, check=True)  # Debian's package
         self.instances = instances
-        self.port = _base_port(instances)
+        self.port = cluster_port(instances)
         self.url = f"http://127.0.0.1:{self.port}"
         self.dir = tmp / "logs" / "cluster"
         self.config = tmp / "cluster.yaml"
