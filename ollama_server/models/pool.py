@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..core.engine import EngineSettings, LLAMAExecutor
+from ..core.engine import EngineSettings, EngineState, LLAMAExecutor
 from ..core.errors import (
     EngineFailed,
     EngineUnavailable,
@@ -101,6 +101,10 @@ class EngineRules:
                               fit_target_mib=over.get("fit_target_mib", c.fit_target_mib),
                               kv_cache_type=over.get("kv_cache_type", c.kv_cache_type),
                               flash_attention=over.get("flash_attention", c.flash_attention),
+                              kv_pool_size=over.get("kv_pool_size", c.kv_pool_size),
+                              cache_ram=over.get("cache_ram", c.cache_ram),
+                              slot_prompt_similarity=over.get("slot_prompt_similarity",
+                                                              c.slot_prompt_similarity),
                               parallel=self.parallel_for(model) if model else c.parallel,
                               embeddings=c.embeddings,
                               startup_timeout=c.startup_timeout,
@@ -169,22 +173,36 @@ class EnginePool(EngineRules):
         queues: generation, embeddings) it first takes one of the model's ``parallel`` slots,
         waiting in the model's bounded queue: QueueFull past ``max_queue``, Cancelled when
         ``abandoned()`` turns true while waiting; ``admitted()`` is called once it has its
-        slot. release() with the same ``slot`` gives the slot back. Tokenizing and templates
+        slot if it waited for it or a load (or restart) is ahead, not otherwise. release()
+        with the same ``slot`` gives the slot back. Tokenizing and templates
         take none. ``priority`` (the caller's key's class) orders the queue; ``request_id``
         names the request in the queue's positions.
         """
+        waited = 0.0
         if slot:
             c = self.config
-            self.queue.enter(info.name, self.parallel_for(info.name), c.max_queue,
-                             c.request_timeout, abandoned, priority, request_id)
+            waited = self.queue.enter(info.name, self.parallel_for(info.name), c.max_queue,
+                                      c.request_timeout, abandoned, priority, request_id)
         try:
-            if admitted is not None:
+            # Only worth telling when the request waited or a load is ahead: with several
+            # workers it is a message to the worker, on the way to the first token.
+            if admitted is not None and (waited or not self._ready(info, num_ctx)):
                 admitted()
             return self._acquire(info, num_ctx)
         except BaseException:
             if slot:
                 self.queue.leave(info.name)
             raise
+
+    def _ready(self, info: ModelInfo, num_ctx: int | None) -> bool:
+        """Whether the engine of ``info`` runs and needs no restart (for a pending change or
+        a larger context): taking it is then instant."""
+        with self._lock:
+            entry = self._loaded.get(info.name)
+        return (entry is not None and entry.pending is None
+                and getattr(entry.engine, "state", None) == EngineState.READY
+                and not (num_ctx and self.context_for(info, num_ctx, entry.ctx_size)
+                         > entry.ctx_size))
 
     def _acquire(self, info: ModelInfo, num_ctx: int | None) -> tuple[LLAMAExecutor, float]:
         to_stop: list[LLAMAExecutor] = []

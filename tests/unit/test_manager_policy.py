@@ -136,3 +136,23 @@ def test_cap_evicts_lru(tiny_store, tiny_gguf):
         assert made[0].state.value == "stopped"
     finally:
         mgr.shutdown()
+
+
+def test_admitted_is_called_only_when_the_request_waited_or_a_load_is_ahead(manager):
+    """With several workers ``admitted`` is a message to the worker on the way to the first
+    token: a request that finds a free slot on a running engine goes without it."""
+    info = manager.resolve("tiny")
+    calls: list[str] = []
+    manager.acquire(info, admitted=lambda: calls.append("first"))  # loads the model
+    manager.release(info.name)
+    assert calls == ["first"]
+    manager.acquire(info, admitted=lambda: calls.append("ready"))  # running, slot free
+    manager.release(info.name)
+    assert calls == ["first"]
+    manager.acquire(info, 4096, admitted=lambda: calls.append("bigger"))  # restarts bigger
+    manager.release(info.name)
+    assert calls == ["first", "bigger"]
+    manager.engines[-1].stop()  # a crashed engine is started again: a load is ahead
+    manager.acquire(info, admitted=lambda: calls.append("restart"))
+    manager.release(info.name)
+    assert calls == ["first", "bigger", "restart"]
