@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help setup venv engine engine-rebuild engine-portable models browser registry run test \
         haproxy cluster cluster-update cluster-status bench-scale \
-        test-fast fuzz lint bench bench-split bench-relay bench-request bench-defaults clean rpc-worker container-tools base-image image \
+        test-fast fuzz lint bench bench-split bench-relay bench-request bench-defaults bench-agents clean rpc-worker container-tools base-image image \
         docs docs-tools
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make fuzz   - the long fuzz runs: 10,000 GGUF headers, then 20,000 request bodies"
 	@echo "make engine | engine-rebuild | engine-portable | rpc-worker | models | venv | browser"
 	@echo "make registry | lint | bench | bench-relay | bench-request | bench-defaults | bench-split"
+	@echo "make bench-agents - 8 coding-agent conversations (4k -> 20k tokens), service vs llama-server"
 	@echo "make bench-scale | cluster | cluster-update | cluster-status | haproxy"
 	@echo "make container-tools | base-image | image   (podman; see README, Deployment)"
 	@echo "make docs   - render the diagrams in images/ (PlantUML) to PNG and SVG"
@@ -220,6 +221,12 @@ bench-request: setup
 # The service's defaults vs llama-server's own and vs llama-cpp-python's server (built once).
 bench-defaults: setup
 	$(VPY) bench/bench_defaults.py --model-dir $(MODELS)
+
+# Coding-agent conversations (issue 24 item 6): time to first token per turn, the service
+# against llama-server's defaults. A scaled-down run: make bench-agents AGENTS_ARGS="--turns 3".
+AGENTS_ARGS ?=
+bench-agents: setup
+	$(VPY) bench/bench_agents.py --model-dir $(MODELS) $(AGENTS_ARGS)
 
 # Scale-out behind HAProxy (issue 21): direct vs 1, 2, 3 instances, stand-in and real engine.
 bench-scale: setup haproxy

@@ -57,17 +57,27 @@ def wait_http(port: int, path: str, timeout: float = 120) -> None:
     raise SystemExit(f"nothing healthy on port {port}{path}")
 
 
-def one_stream(port: int, body: bytes) -> dict:
-    """Send one streamed chat request; time the first content token and the last."""
+def one_stream(port: int, body: bytes, errors_ok: bool = False) -> dict:
+    """Send one streamed chat request; time the first content token and the last.
+
+    Also returns the answer's ``text``, ``prompt_tokens`` and ``cached_tokens`` (from the
+    usage, when sent). An HTTP error or an error frame ends the run, or with ``errors_ok``
+    comes back as ``error`` (and ``ttft`` None)."""
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body=body,
                  headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     if resp.status != 200:
-        raise SystemExit(f"HTTP {resp.status} from port {port}: {resp.read()[:300]!r}")
+        message = f"HTTP {resp.status} from port {port}: {resp.read()[:300]!r}"
+        conn.close()
+        if errors_ok:
+            return {"ttft": None, "error": message}
+        raise SystemExit(message)
     first = last = None
-    tokens = chunks = 0
+    tokens = chunks = prompt = cached = 0
+    text: list[str] = []
+    error = None
     while True:
         line = resp.readline()
         if not line:
@@ -75,20 +85,30 @@ def one_stream(port: int, body: bytes) -> dict:
         if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
             continue
         chunk = json.loads(line[6:])
+        if chunk.get("error"):
+            error = str(chunk["error"])[:300]
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
+            prompt = chunk["usage"].get("prompt_tokens") or 0
+            cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         for choice in chunk.get("choices") or []:
             if (choice.get("delta") or {}).get("content"):
                 now = time.perf_counter()
                 first = first or now
                 last = now
                 chunks += 1
+                text.append(choice["delta"]["content"])
     conn.close()
+    if error is not None:
+        if errors_ok:
+            return {"ttft": None, "error": error}
+        raise SystemExit(f"error from port {port}: {error}")
     tokens = tokens or chunks  # a server that sends no usage: one token per content chunk
     if first is None:  # no content at all (an empty answer): timed to the end of the stream
         first = last = time.perf_counter()
     return {"ttft": first - t0, "total": last - t0, "tokens": tokens,
-            "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0}
+            "decode_tps": (tokens - 1) / (last - first) if last > first else 0.0,
+            "text": "".join(text), "prompt_tokens": prompt, "cached_tokens": cached}
 
 
 def service_engine(model_dir: str, model: str,

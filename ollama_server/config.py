@@ -91,8 +91,20 @@ class Config:
     kv_cache_type: str = "f16"
     # Flash attention: auto (llama.cpp decides per device), on, off (OLLAMA_FLASH_ATTENTION).
     flash_attention: str = "auto"
+    # --- prompt caching for long multi-turn conversations (issue 24 item 6) ---------------
+    # Tokens of KV cache all of a model's slots share (llama-server -c, each slot capped at
+    # the model's context by --kv-unified-per-slot). 0: the model's context, which one long
+    # conversation can fill alone; N concurrent conversations of T tokens need N*T.
+    kv_pool_size: int = 0
+    # MiB of host memory per engine for the prompts of idle slots (--cache-ram): a slot
+    # another conversation takes is saved there, and the conversation's next turn restored
+    # from it instead of computed again. -1: no limit, 0: off.
+    cache_ram: int = 8192
+    # How much of a request's prompt an idle slot's cached prompt must match for the request
+    # to go to that slot (--slot-prompt-similarity, 0..1); 0: least recently used slot.
+    slot_prompt_similarity: float = 0.1
     # Per-model overrides of rpc_servers, tensor_split, gpu_layers, main_gpu, fit_target_mib,
-    # parallel, kv_cache_type, flash_attention:
+    # parallel, kv_cache_type, flash_attention, kv_pool_size, cache_ram, slot_prompt_similarity:
     # {"big-model:70b": {"rpc_servers": [...], "tensor_split": "1,1,2"}}.
     model_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -233,6 +245,7 @@ class Config:
                               f"(no scheme: list plain-HTTP registries in registry_insecure), "
                               f"got {self.registry!r}")
         _check_split_settings(self.__dict__, self.allow_public_rpc, "")
+        _check_prompt_cache(self.__dict__, "")
         checked: dict[str, dict[str, Any]] = {}
         for model, settings in self.model_settings.items():
             prefix = f"model_settings.{model}."
@@ -248,6 +261,7 @@ class Config:
             if values.get("parallel", 1) < 1:
                 raise ConfigError(f"{prefix}parallel must be at least 1, got {values['parallel']}")
             _check_split_settings(values, self.allow_public_rpc, prefix)
+            _check_prompt_cache(values, prefix)
             _check_kv_cache({"kv_cache_type": values.get("kv_cache_type", self.kv_cache_type),
                              "flash_attention": values.get("flash_attention",
                                                            self.flash_attention)}, prefix)
@@ -398,7 +412,8 @@ def _check_token_limits(limits: dict[str, dict[str, int]]) -> None:
 
 
 MODEL_SETTING_KEYS = ("rpc_servers", "tensor_split", "gpu_layers", "main_gpu", "fit_target_mib",
-                      "parallel", "kv_cache_type", "flash_attention")
+                      "parallel", "kv_cache_type", "flash_attention", "kv_pool_size", "cache_ram",
+                      "slot_prompt_similarity")
 # What llama-server's --cache-type-k/-v take; the quantised ones need flash attention for V.
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 FLASH_ATTENTION = ("auto", "on", "off")
@@ -455,6 +470,20 @@ def _check_kv_cache(values: dict[str, Any], prefix: str) -> None:
         raise ConfigError(f"{prefix}kv_cache_type {kv} needs flash attention, which "
                           f"{prefix}flash_attention turns off: set it to auto or on, or use "
                           f"kv_cache_type f16")
+
+
+def _check_prompt_cache(values: dict[str, Any], prefix: str) -> None:
+    """kv_pool_size, cache_ram and slot_prompt_similarity present in ``values``: ranges."""
+    pool = values.get("kv_pool_size")
+    if pool is not None and pool < 0:
+        raise ConfigError(f"{prefix}kv_pool_size must be 0 (the model's context) or a number "
+                          f"of tokens, got {pool}")
+    ram = values.get("cache_ram")
+    if ram is not None and ram < -1:
+        raise ConfigError(f"{prefix}cache_ram must be MiB, 0 (off) or -1 (no limit), got {ram}")
+    sim = values.get("slot_prompt_similarity")
+    if sim is not None and not 0.0 <= sim <= 1.0:
+        raise ConfigError(f"{prefix}slot_prompt_similarity must be between 0 and 1, got {sim}")
 
 
 def _abs(path: str) -> Path:

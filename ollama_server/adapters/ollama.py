@@ -678,6 +678,11 @@ def ps_entry(entry: Any, now_wall: float, now_mono: float) -> dict[str, Any]:
         # Ours, like devices: the KV cache's number type and flash attention it runs with.
         out["kv_cache_type"] = settings.kv_cache_type
         out["flash_attention"] = settings.flash_attention
+    if settings is not None and hasattr(settings, "cache_ram"):
+        # The prompt cache it runs with: shared KV cells, host-memory cache, slot matching.
+        out["kv_pool_size"] = max(settings.kv_pool_size, entry.ctx_size)
+        out["cache_ram"] = settings.cache_ram
+        out["slot_prompt_similarity"] = settings.slot_prompt_similarity
     return out
 
 

@@ -88,6 +88,10 @@ class EngineSettings:
     fit_target_mib: int | None = None  # --fit-target (MiB --fit leaves free per device)
     kv_cache_type: str = "f16"  # --cache-type-k/-v (q8_0, q4_0...: less memory per token)
     flash_attention: str = "auto"  # -fa: auto, on, off
+    # Tokens of KV cache the slots share (-c); 0 or less than the context: the context.
+    kv_pool_size: int = 0
+    cache_ram: int | None = None  # --cache-ram MiB (-1: no limit, 0: off); None: engine's
+    slot_prompt_similarity: float | None = None  # --slot-prompt-similarity; None: engine's
     parallel: int = 4  # slots that decode together (continuous batching)
     embeddings: bool = True  # also serve /v1/embeddings from the same process
     startup_timeout: float = 300.0
@@ -177,6 +181,15 @@ class LLAMAExecutor(EngineClient):
                "--port", str(port), "-c", str(self.ctx_size), "--parallel", str(s.parallel),
                "--kv-unified", "--jinja", "--reasoning-format", "none", "--no-webui",
                "-b", str(s.batch_size), "--metrics", "-lv", "4"]
+        if s.kv_pool_size > self.ctx_size:
+            # One KV cache of kv_pool_size cells for all slots, each slot still limited to
+            # the model's context: several long conversations decode at once.
+            cmd[cmd.index("-c") + 1] = str(s.kv_pool_size)
+            cmd += ["--kv-unified-per-slot", str(self.ctx_size)]
+        if s.cache_ram is not None:
+            cmd += ["--cache-ram", str(s.cache_ram)]
+        if s.slot_prompt_similarity is not None:
+            cmd += ["--slot-prompt-similarity", f"{s.slot_prompt_similarity:g}"]
         if s.threads:
             cmd += ["--threads", str(s.threads)]
         if s.rpc_servers:
