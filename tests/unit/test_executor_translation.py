@@ -131,6 +131,11 @@ def test_engine_errors_map_by_type():
     assert isinstance(engine_error(503, "loading"), Overloaded)
     failed = engine_error(500, "boom", tail="ggml: out of memory")
     assert isinstance(failed, EngineFailed) and "out of memory" in failed.message
+    # The shared KV cache full with the requests in progress: busy (503, retry), not broken.
+    full = engine_error(500, '{"error":{"code":500,"message":"Context size has been exceeded.",'
+                             '"type":"server_error"}}')
+    assert isinstance(full, Overloaded) and full.status == 503 and full.retry_after == 2
+    assert "kv_pool_size" in full.message
 
 
 def test_command_line_carries_model_flags(tmp_path):

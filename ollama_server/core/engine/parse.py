@@ -182,6 +182,11 @@ class CompletionChunkParser:
         return events
 
 
+# llama-server's error for every request in progress when no free cell is left in the KV
+# cache the slots share (tools/server/server-context.cpp, decode at a batch of one).
+KV_CACHE_FULL = "Context size has been exceeded"
+
+
 def engine_error(status: int, body: bytes | str, tail: str = "") -> ServiceError:
     """Map an error answer of llama-server to the service's typed errors (by type, not text)."""
     try:
@@ -202,4 +207,11 @@ def engine_error(status: int, body: bytes | str, tail: str = "") -> ServiceError
         return InvalidRequest(message)
     if status == 503:
         return Overloaded(f"engine unavailable: {message}")
+    if message.startswith(KV_CACHE_FULL):
+        # Every request in progress fails at once when the KV cache the slots share is full
+        # (each one fits its slot, together they do not): busy, not broken; worth a retry.
+        return Overloaded(f"server busy: the model's KV cache is full with the requests in "
+                          f"progress ({message}); please try again, or raise kv_pool_size in "
+                          f"the service's configuration to run more long requests at once",
+                          retry_after=2)
     return EngineFailed(f"llama-server error {status}: {message}" + (f"; {tail}" if tail else ""))
