@@ -142,6 +142,7 @@ class LongStream(threading.Thread):
         self.chunks = 0
         self.done = False
         self.error: str | None = None
+        self.last = b""  # the last chunk, for the failure message
 
     def run(self) -> None:
         try:
@@ -154,6 +155,7 @@ class LongStream(threading.Thread):
                         if b'"error"' in line:
                             self.error = line.decode()
                         self.chunks += 1
+                        self.last = line
                     elif line == b"data: [DONE]":
                         self.done = True
         except Exception as exc:  # noqa: BLE001 - the killed worker's streams break
@@ -192,7 +194,7 @@ def test_a_worker_killed_mid_stream_costs_only_its_own_requests(two_workers):
         for s in streams:
             s.join(600)
     for s in by_worker[survivor]:
-        assert s.done and s.error is None and s.chunks >= 300, (s.rid, s.chunks, s.error)
+        assert s.done and s.error is None and s.chunks >= 300, (s.rid, s.chunks, s.error, s.last)
     for s in by_worker[victim]:
         assert not s.done, "a stream of the killed worker ended as if complete"
         status = wait_for(lambda s=s: (st := status_of(base, s.rid)) and st["state"] == "failed"
