@@ -201,8 +201,15 @@ class EnginePool(EngineRules):
             entry = self._loaded.get(info.name)
         return (entry is not None and entry.pending is None
                 and getattr(entry.engine, "state", None) == EngineState.READY
-                and not (num_ctx and self.context_for(info, num_ctx, entry.ctx_size)
-                         > entry.ctx_size))
+                and self._bigger_context(entry, num_ctx) is None)
+
+    def _bigger_context(self, entry: LoadedModel, num_ctx: int | None) -> int | None:
+        """The context the running ``entry`` must be restarted with for ``num_ctx``; None
+        when its own is large enough."""
+        if not num_ctx:
+            return None
+        ctx = self.context_for(entry.info, num_ctx, entry.ctx_size)
+        return ctx if ctx > entry.ctx_size else None
 
     def _acquire(self, info: ModelInfo, num_ctx: int | None) -> tuple[LLAMAExecutor, float]:
         to_stop: list[LLAMAExecutor] = []
@@ -231,8 +238,7 @@ class EnginePool(EngineRules):
                                     last_used=now, expires_at=None,
                                     keep_alive=self.config.keep_alive)
                 self._loaded[info.name] = entry
-            elif num_ctx and self.context_for(info, num_ctx, entry.ctx_size) > entry.ctx_size:
-                new_ctx = self.context_for(info, num_ctx, entry.ctx_size)
+            elif (new_ctx := self._bigger_context(entry, num_ctx)) is not None:
                 log.info("raising the context of %s from %d to %d", info.name, entry.ctx_size,
                          new_ctx)
                 entry.engine.stop()
