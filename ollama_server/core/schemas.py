@@ -326,6 +326,7 @@ class RequestStatus:
             "tokens_generated": self.tokens_generated,
             "max_tokens": self.max_tokens,
             "progress": progress,
+            "queue_ms": None if self.queue_s is None else round(self.queue_s * 1000.0, 2),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
             "tokens_per_second": (None if self.tokens_per_second is None
                                   else round(self.tokens_per_second, 2)),
