@@ -21,6 +21,7 @@ from typing import Any
 from ..config import Config
 from ..core.engine import EngineSettings, EngineState, LLAMAExecutor
 from ..core.errors import (
+    Cancelled,
     EngineFailed,
     EngineUnavailable,
     Overloaded,
@@ -46,6 +47,10 @@ class LoadedModel:
     in_flight: int = 0
     # An engine with new settings (config reload) that replaces ``engine`` once it is idle.
     pending: LLAMAExecutor | None = None
+    # Requests waiting for the engine to go idle and restart with a larger context (and the
+    # largest they need): new requests wait behind them instead of keeping it busy for ever.
+    growers: int = 0
+    grow_to: int = 0
 
     @property
     def ctx_size(self) -> int:
@@ -169,7 +174,9 @@ class EnginePool(EngineRules):
         """A ready engine for ``info`` and the seconds spent loading it; pair with release().
 
         Loads the model (evicting idle ones over the cap) or restarts it with a larger context
-        when ``num_ctx`` asks for more than it runs with. With ``slot`` (work the engine
+        when ``num_ctx`` asks for more than it runs with, once the requests it is serving have
+        ended (as Ollama reloads a runner only when idle; new requests wait behind that
+        restart). With ``slot`` (work the engine
         queues: generation, embeddings) it first takes one of the model's ``parallel`` slots,
         waiting in the model's bounded queue: QueueFull past ``max_queue``, Cancelled when
         ``abandoned()`` turns true while waiting; ``admitted()`` is called once it has its
@@ -188,7 +195,7 @@ class EnginePool(EngineRules):
             # workers it is a message to the worker, on the way to the first token.
             if admitted is not None and (waited or not self._ready(info, num_ctx)):
                 admitted()
-            return self._acquire(info, num_ctx)
+            return self._acquire(info, num_ctx, abandoned)
         except BaseException:
             if slot:
                 self.queue.leave(info.name)
@@ -211,41 +218,65 @@ class EnginePool(EngineRules):
         ctx = self.context_for(entry.info, num_ctx, entry.ctx_size)
         return ctx if ctx > entry.ctx_size else None
 
-    def _acquire(self, info: ModelInfo, num_ctx: int | None) -> tuple[LLAMAExecutor, float]:
+    def _acquire(self, info: ModelInfo, num_ctx: int | None,
+                 abandoned: Callable[[], bool] | None = None) -> tuple[LLAMAExecutor, float]:
         to_stop: list[LLAMAExecutor] = []
+        growing: LoadedModel | None = None  # the entry this request waits on to restart bigger
         with self._lock:
             deadline = self.clock() + self.config.request_timeout
-            while True:
-                entry = self._loaded.get(info.name)
-                if entry is not None or len(self._loaded) < self.config.max_loaded_models:
-                    break
-                evict = pick_evictions(self._loaded, info.name, self.config.max_loaded_models)
-                if evict:
-                    for name in evict:
-                        to_stop.append(self._loaded.pop(name).engine)
-                    break
-                if self.clock() > deadline:
-                    raise Overloaded("every loaded model is busy and the cap on loaded models "
-                                     f"({self.config.max_loaded_models}) is reached")
-                self._lock.wait(timeout=0.5)
-            if entry is not None and entry.pending is not None and entry.in_flight == 0:
-                to_stop.append(self._take_pending(entry))
-            if entry is None:
-                to_stop += self._free_workers_locked(info, deadline)
-                ctx = self.context_for(info, num_ctx)
-                now = self.clock()
-                entry = LoadedModel(info=info, engine=self._factory(info, ctx), loaded_at=now,
-                                    last_used=now, expires_at=None,
-                                    keep_alive=self.config.keep_alive)
-                self._loaded[info.name] = entry
-            elif (new_ctx := self._bigger_context(entry, num_ctx)) is not None:
-                log.info("raising the context of %s from %d to %d", info.name, entry.ctx_size,
-                         new_ctx)
-                entry.engine.stop()
-                entry.engine.ctx_size = new_ctx
-            entry.in_flight += 1
-            entry.last_used = self.clock()
-            entry.expires_at = None
+            try:
+                while True:
+                    entry = self._loaded.get(info.name)
+                    if entry is not None:
+                        new_ctx = self._bigger_context(entry, num_ctx)
+                        if (new_ctx is not None) != (growing is entry):
+                            self._stop_growing(growing)
+                            growing = None
+                            if new_ctx is not None:
+                                growing, entry.growers = entry, entry.growers + 1
+                        if new_ctx is not None:
+                            entry.grow_to = max(entry.grow_to, new_ctx)
+                            if entry.in_flight == 0:
+                                break
+                        elif not entry.growers:
+                            break
+                    elif len(self._loaded) < self.config.max_loaded_models:
+                        break
+                    else:
+                        evict = pick_evictions(self._loaded, info.name,
+                                               self.config.max_loaded_models)
+                        if evict:
+                            for name in evict:
+                                to_stop.append(self._loaded.pop(name).engine)
+                            break
+                    if self.clock() > deadline:
+                        raise Overloaded(self._busy_message(info, entry))
+                    if abandoned is not None and abandoned():
+                        raise Cancelled("the client went away while the request waited for "
+                                        "its model")
+                    self._lock.wait(timeout=0.5)
+                if entry is not None and entry.pending is not None and entry.in_flight == 0:
+                    to_stop.append(self._take_pending(entry))
+                if entry is None:
+                    to_stop += self._free_workers_locked(info, deadline)
+                    ctx = self.context_for(info, num_ctx)
+                    now = self.clock()
+                    entry = LoadedModel(info=info, engine=self._factory(info, ctx),
+                                        loaded_at=now, last_used=now, expires_at=None,
+                                        keep_alive=self.config.keep_alive)
+                    self._loaded[info.name] = entry
+                elif growing is entry:
+                    new_ctx = max(entry.grow_to, self._bigger_context(entry, num_ctx) or 0)
+                    if new_ctx > entry.ctx_size:
+                        log.info("raising the context of %s from %d to %d", info.name,
+                                 entry.ctx_size, new_ctx)
+                        entry.engine.stop()  # idle: no request of it is cut off
+                        entry.engine.ctx_size = new_ctx
+                entry.in_flight += 1
+                entry.last_used = self.clock()
+                entry.expires_at = None
+            finally:
+                self._stop_growing(growing)
         for engine in to_stop:
             log.info("unloading %s to make room for %s", engine.name, info.name)
             engine.stop()
@@ -261,6 +292,24 @@ class EnginePool(EngineRules):
             raise
         self.failures.pop(info.name, None)
         return entry.engine, load_s
+
+    def _stop_growing(self, entry: LoadedModel | None) -> None:
+        """A request stops waiting for ``entry`` to restart bigger (it did, or gave up)."""
+        if entry is None:
+            return
+        entry.growers -= 1
+        if not entry.growers:
+            entry.grow_to = 0
+        self._lock.notify_all()
+
+    def _busy_message(self, info: ModelInfo, entry: LoadedModel | None) -> str:
+        if entry is None:
+            return ("every loaded model is busy and the cap on loaded models "
+                    f"({self.config.max_loaded_models}) is reached")
+        return (f"{info.name} must restart with a larger context (num_ctx) and its "
+                f"{entry.in_flight} request(s) in progress did not end within "
+                f"request_timeout ({self.config.request_timeout:g} s); retry later or ask "
+                f"for the context it runs with ({entry.ctx_size})")
 
     def failed_models(self) -> list[dict[str, Any]]:
         """Models whose last start failed: name, error, when, seconds until the next try."""

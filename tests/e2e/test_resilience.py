@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 
@@ -128,6 +129,43 @@ def test_prompt_beyond_default_context_raises_it_up_to_the_trained_one(base_url)
     assert resp.status_code == 400
     assert "32768" in resp.json()["error"]["message"]
     requests.post(base_url + "/api/generate", json={"model": "gemma3:270m", "keep_alive": 0},
+                  timeout=30)
+
+
+def test_a_larger_num_ctx_waits_for_the_streams_in_progress(base_url):
+    """Open WebUI and other Ollama clients send their own num_ctx: a request asking for more
+    context than the engine runs with restarts it, and must not cut off the streams it serves
+    (Ollama, too, reloads a runner only once it is idle)."""
+    model = "gemma3:270m"
+    oai = openai.OpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+    stream = oai.chat.completions.create(
+        model=model, stream=True, max_tokens=300, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": "Write a very long story."}])
+    chunks = iter(stream)
+    next(chunks)
+    assert engine_of(base_url, model)["context_length"] == 8192
+    answer: dict = {}
+
+    def bigger() -> None:
+        answer["response"] = requests.post(base_url + "/api/chat", timeout=300, json={
+            "model": model, "stream": False, "options": {"num_ctx": 16384, "num_predict": 2},
+            "messages": [{"role": "user", "content": "Hi"}]})
+        answer["at"] = time.monotonic()
+
+    asker = threading.Thread(target=bigger, daemon=True)
+    asker.start()
+    usage = None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+    stream_ended = time.monotonic()
+    asker.join(300)
+    assert usage is not None and usage.completion_tokens == 300  # whole, not cut off
+    resp = answer["response"]
+    assert resp.status_code == 200 and resp.json()["done"], resp.text
+    assert answer["at"] > stream_ended  # it waited for the stream
+    assert engine_of(base_url, model)["context_length"] == 16384
+    requests.post(base_url + "/api/generate", json={"model": model, "keep_alive": 0},
                   timeout=30)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from ollama_server.config import load_config
-from ollama_server.core.errors import InvalidRequest, ModelNotFound
+from ollama_server.core.errors import InvalidRequest, ModelNotFound, Overloaded
 from ollama_server.models.manager import LoadedModel, ModelManager, pick_evictions
 from ollama_server.models.schemas import ModelInfo
 from tests.helpers import FakeExecutor, Script
@@ -156,3 +158,53 @@ def test_admitted_is_called_only_when_the_request_waited_or_a_load_is_ahead(mana
     manager.acquire(info, admitted=lambda: calls.append("restart"))
     manager.release(info.name)
     assert calls == ["first", "bigger", "restart"]
+
+
+def _in_thread(fn):
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_larger_context_waits_for_the_requests_in_progress(manager):
+    """Restarting the engine for a larger num_ctx would cut off every stream it serves: the
+    request waits until they end, and requests arriving meanwhile wait behind the restart."""
+    tiny = manager.resolve("tiny")
+    engine, _ = manager.acquire(tiny)  # a stream in progress on the 2,048 context
+    bigger, big = _in_thread(lambda: manager.acquire(tiny, 4096))
+    time.sleep(0.3)
+    later, small = _in_thread(lambda: manager.acquire(tiny))
+    time.sleep(0.7)
+    assert bigger.is_alive() and later.is_alive(), (big, small)
+    assert engine.state.value == "ready" and engine.ctx_size == 2048  # not cut off
+    manager.release(tiny.name)  # the stream ends
+    bigger.join(5)
+    later.join(5)
+    assert big["value"][0] is engine and small["value"][0] is engine
+    assert engine.ctx_size == 4096 and len(manager.engines) == 1
+    assert manager.loaded_entry(tiny.name).in_flight == 2
+    manager.release(tiny.name)
+    manager.release(tiny.name)
+
+
+def test_a_larger_context_gives_up_after_request_timeout(manager):
+    tiny = manager.resolve("tiny")
+    manager.acquire(tiny)
+    bigger, big = _in_thread(lambda: manager.acquire(tiny, 4096))
+    time.sleep(0.3)
+    manager.fake_clock.now += manager.config.request_timeout + 1
+    bigger.join(5)
+    assert isinstance(big["error"], Overloaded) and "num_ctx" in big["error"].message
+    entry = manager.loaded_entry(tiny.name)
+    assert (entry.in_flight, entry.growers, entry.grow_to, entry.ctx_size) == (1, 0, 0, 2048)
+    manager.release(tiny.name)
+    engine, _ = manager.acquire(tiny)  # nothing is left waiting on a restart
+    manager.release(tiny.name)
