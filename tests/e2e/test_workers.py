@@ -144,6 +144,13 @@ class LongStream(threading.Thread):
         self.done = False
         self.error: str | None = None
         self.last = b""  # the last chunk, for the failure message
+        self._resp: requests.Response | None = None
+
+    def cancel(self) -> None:
+        """Hang up (the service frees its slot); the thread ends soon after."""
+        if self._resp is not None:
+            self._resp.close()
+        self.join(60)
 
     def run(self) -> None:
         try:
@@ -152,6 +159,7 @@ class LongStream(threading.Thread):
                                json={"model": MODEL, "messages": MSGS, "stream": True,
                                      "max_tokens": self.tokens, "ignore_eos": True,
                                      "stream_options": {"include_usage": True}}) as resp:
+                self._resp = resp
                 for line in resp.iter_lines():
                     if line.startswith(b"data: {"):
                         if b'"error"' in line:
@@ -168,9 +176,11 @@ class LongStream(threading.Thread):
 
 
 def start_streams_on_both(base: str, workers: list[int]) -> dict[int, list[LongStream]]:
-    """Long streams until each worker runs at least one; by worker."""
-    by_worker: dict[int, list[LongStream]] = {w: [] for w in workers}
-    for _ in range(4):
+    """Long streams until each worker runs at least one; by worker. Which worker accepts a
+    connection is the kernel's choice: a batch that all went to one is hung up on (freeing
+    the slots at once, not after 300 tokens on a loaded machine) and another one tried."""
+    for _ in range(8):
+        by_worker: dict[int, list[LongStream]] = {w: [] for w in workers}
         batch = [LongStream(base) for _ in range(PARALLEL)]
         for s in batch:
             s.start()
@@ -181,7 +191,7 @@ def start_streams_on_both(base: str, workers: list[int]) -> dict[int, list[LongS
         if all(by_worker[w] for w in workers):
             return by_worker
         for s in batch:
-            s.join(600)
+            s.cancel()
     pytest.fail(f"the streams never spread over both workers: {by_worker}")
 
 
