@@ -14,15 +14,17 @@ the pool for:
   with the engine's port; the worker then streams from the engine itself, with its own relay
   thread. The lease *is* the connection: ``release`` ends it, and so does the worker's death
   (the kernel closes its socket), so a worker killed with ``kill -9`` gives its slots back.
-- **one view of the requests**: a request's start is a call (the per-key limit is checked
-  there, across workers); its state changes, first token and end are sent as they happen, and
-  its token count every ``FLUSH_S``. /api/progress, /api/requests, the dashboard and /metrics
+- **one view of the requests**: a request's start travels with its acquire (or is a call of
+  its own where a per-key limit must be checked across workers); the pool sets its queued,
+  loading and processing states itself, its end is sent as it happens, and its first token time
+  and token count every ``FLUSH_S``. /api/progress, /api/requests, the dashboard and /metrics
   read the pool's tracker (a request of another worker is at most ``FLUSH_S`` behind). A
   cancel goes to the worker that runs the request, over that worker's channel.
 
 Messages are Python objects on ``multiprocessing.connection`` (length-prefixed pickles). None
-is sent per token: a stream costs the pool two calls (start, acquire) and three notes (state,
-first token, end).
+is sent per token: a stream costs the pool one round trip before its first token (acquire)
+and, after it, a release and a note (its end) besides the periodic counts (docs/performance.adoc,
+"Several worker processes", has what the messages cost).
 
 Why one module of about 850 lines: it is both ends of one protocol (the worker's
 ``PoolClient``, ``RemoteManager``, ``SharedTracker``, ``RemoteMetrics``; the pool's
@@ -191,6 +193,9 @@ class PoolClient:
         self._channel: Connection | None = None
         self._channel_lock = threading.Lock()
         self._closed = False
+        # Requests tracked here whose start the pool has not heard yet: it goes with their
+        # acquire (one message less before the first token), or before their end.
+        self.unadopted: dict[str, RequestStatus] = {}
         self.on_cancel: Callable[[str], None] = lambda rid: None
         self.on_query: Callable[[str], Any] = lambda rid: None
 
@@ -244,7 +249,8 @@ class PoolClient:
               request_id: str | None = None) -> tuple[Connection, EngineView, float]:
         """Acquire an engine in the pool; the connection is held until end_lease()."""
         conn = self._take()
-        message = ("acquire", info, num_ctx, slot, priority, request_id)
+        adopt = self.unadopted.pop(request_id, None) if request_id else None
+        message = ("acquire", info, num_ctx, slot, priority, request_id, adopt, os.getpid())
         try:
             conn.send(message)
         except OSError:
@@ -445,35 +451,30 @@ class SharedTracker(RequestTracker):
         super().cancel(request_id)
 
     def adopt(self, status: RequestStatus, caller_limit: int = 0) -> threading.Event:
-        self._client.call("track_start", status, caller_limit, os.getpid())
+        if caller_limit > 0:  # the pool counts the key's requests of every worker: ask it
+            self._client.call("track_start", status, caller_limit, os.getpid())
+        else:  # nothing to refuse: the pool hears of it with its acquire
+            self._client.unadopted[status.id] = status
         return super().adopt(status)
 
-    def set_state(self, request_id: str, state: RequestState) -> None:
-        super().set_state(request_id, state)
-        status = super().get(request_id)
-        if status is not None:
-            self._client.note("mirror", request_id, {"state": state,
-                                                     "processing_at": status.processing_at})
+    # set_state: local only. The states a request passes through here (queued, loading,
+    # processing) are the pool's own doing: it sets them in its tracker as it admits.
 
     def set_prompt_tokens(self, request_id: str, n: int) -> None:
         super().set_prompt_tokens(request_id, n)
         self._client.note("mirror", request_id, {"prompt_tokens": n})
 
-    def add_tokens(self, request_id: str, n: int = 1) -> None:
-        with self._lock:
-            status = self._active.get(request_id)
-            first = status is not None and status.first_token_at is None
-        super().add_tokens(request_id, n)
-        if first and status is not None:
-            self._client.note("mirror", request_id, {
-                "state": status.state, "first_token_at": status.first_token_at,
-                "tokens_generated": status.tokens_generated})
+    # add_tokens: local only; the first token's time and the counts go every FLUSH_S (and
+    # with the end), not on the way to the client.
 
     def finish(self, request_id: str, **kwargs: Any) -> None:
         status = super().get(request_id)
         super().finish(request_id, **kwargs)
         self._flushed.pop(request_id, None)
         if status is not None and status.done:
+            unadopted = self._client.unadopted.pop(request_id, None)
+            if unadopted is not None:  # it ended before asking for an engine
+                self._client.note("adopt", unadopted)
             self._client.note("finish", request_id, _progress(status), {
                 "state": status.state, "finish_reason": status.finish_reason,
                 "error": status.error})
@@ -482,9 +483,15 @@ class SharedTracker(RequestTracker):
         while True:
             time.sleep(FLUSH_S)
             with self._lock:
-                counts = {rid: s.tokens_generated for rid, s in self._active.items()
-                          if s.tokens_generated != self._flushed.get(rid, 0)}
-            if counts:
+                changed = [s for rid, s in self._active.items()
+                           if s.tokens_generated != self._flushed.get(rid, 0)
+                           and rid not in self._client.unadopted]
+            firsts = [s for s in changed if s.id not in self._flushed]
+            for s in firsts:
+                self._client.note("mirror", s.id, {"state": s.state,
+                                                   "first_token_at": s.first_token_at})
+            if changed:
+                counts = {s.id: s.tokens_generated for s in changed}
                 self._flushed.update(counts)
                 self._client.note("tokens", counts)
 
@@ -577,17 +584,28 @@ class PoolServer:
         conn.send(result)
 
     def _lease(self, conn: Connection, info: ModelInfo, num_ctx: int | None,
-               slot: bool, priority: int = 0, request_id: str | None = None) -> None:
-        """One engine lease: held until the worker releases it or its connection ends."""
+               slot: bool, priority: int = 0, request_id: str | None = None,
+               adopt: RequestStatus | None = None, pid: int = 0) -> None:
+        """One engine lease: held until the worker releases it or its connection ends. The
+        request's start comes with it (``adopt``); its queue states are set here."""
+        if adopt is not None:
+            self.do_track_start(adopt, 0, pid)
+
+        def admitted() -> None:
+            if request_id:
+                self.tracker.set_state(request_id, RequestState.LOADING)
+            conn.send(("admitted", None))
+
         try:
             engine, load_s = self.manager.acquire(
-                info, num_ctx, slot=slot, abandoned=conn.poll,
-                admitted=lambda: conn.send(("admitted", None)), priority=priority,
-                request_id=request_id)
+                info, num_ctx, slot=slot, abandoned=conn.poll, admitted=admitted,
+                priority=priority, request_id=request_id)
         except Exception as exc:  # noqa: BLE001 - the worker raises it
             if not isinstance(exc, Cancelled):
                 conn.send(("err", _pack_error(exc)))
             return
+        if request_id:
+            self.tracker.set_state(request_id, RequestState.PROCESSING)
         keep_alive = None
         try:
             conn.send(("ok", (EngineView.of(engine), load_s)))
@@ -608,6 +626,8 @@ class PoolServer:
                 kind, *rest = conn.recv()
                 if kind == "mirror":
                     self.tracker.mirror(rest[0], **rest[1])
+                elif kind == "adopt":  # a request that ended before its acquire
+                    self.do_track_start(rest[0], 0, pid)
                 elif kind == "tokens":
                     for rid, n in rest[0].items():
                         self.tracker.mirror(rid, tokens_generated=n)
