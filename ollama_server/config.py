@@ -93,8 +93,9 @@ class Config:
     flash_attention: str = "auto"
     # --- prompt caching for long multi-turn conversations (issue 24 item 6) ---------------
     # Tokens of KV cache all of a model's slots share (llama-server -c, each slot capped at
-    # the model's context by --kv-unified-per-slot). 0: the model's context, which one long
-    # conversation can fill alone; N concurrent conversations of T tokens need N*T.
+    # the model's context by --kv-unified-per-slot). 0 (auto): four contexts (two, one) as
+    # free host memory allows, one where the cache may go to a GPU or RPC workers
+    # (models/kv_budget.py); N concurrent conversations of T tokens need N*T.
     kv_pool_size: int = 0
     # MiB of host memory per engine for the prompts of idle slots (--cache-ram): a slot
     # another conversation takes is saved there, and the conversation's next turn restored
@@ -476,7 +477,7 @@ def _check_prompt_cache(values: dict[str, Any], prefix: str) -> None:
     """kv_pool_size, cache_ram and slot_prompt_similarity present in ``values``: ranges."""
     pool = values.get("kv_pool_size")
     if pool is not None and pool < 0:
-        raise ConfigError(f"{prefix}kv_pool_size must be 0 (the model's context) or a number "
+        raise ConfigError(f"{prefix}kv_pool_size must be 0 (auto) or a number "
                           f"of tokens, got {pool}")
     ram = values.get("cache_ram")
     if ram is not None and ram < -1:

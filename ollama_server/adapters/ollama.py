@@ -25,6 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from ..core.engine import kv_pool_cells
 from ..core.errors import (
     AuthenticationError,
     Cancelled,
@@ -680,7 +681,7 @@ def ps_entry(entry: Any, now_wall: float, now_mono: float) -> dict[str, Any]:
         out["flash_attention"] = settings.flash_attention
     if settings is not None and hasattr(settings, "cache_ram"):
         # The prompt cache it runs with: shared KV cells, host-memory cache, slot matching.
-        out["kv_pool_size"] = max(settings.kv_pool_size, entry.ctx_size)
+        out["kv_pool_size"] = kv_pool_cells(settings, entry.ctx_size)
         out["cache_ram"] = settings.cache_ram
         out["slot_prompt_similarity"] = settings.slot_prompt_similarity
     return out

@@ -14,12 +14,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..core.engine import EngineSettings, EngineState, LLAMAExecutor
+from ..core.engine.binary import gpu_visible
 from ..core.errors import (
     Cancelled,
     EngineFailed,
@@ -27,6 +28,7 @@ from ..core.errors import (
     Overloaded,
 )
 from .admission import SlotQueue
+from .kv_budget import auto_contexts, available_memory
 from .schemas import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -162,7 +164,16 @@ class EnginePool(EngineRules):
     # --- engines -------------------------------------------------------------------------
 
     def _default_factory(self, info: ModelInfo, ctx_size: int) -> LLAMAExecutor:
-        return LLAMAExecutor(info.path, self.engine_settings(info.name), ctx_size,
+        settings = self.engine_settings(info.name)
+        if not settings.kv_pool_size:  # auto: as many contexts as memory holds (kv_budget)
+            host_only = (not settings.rpc_servers
+                         and (settings.gpu_layers == 0 or not gpu_visible()))
+            contexts = auto_contexts(info, ctx_size, settings.parallel, settings.kv_cache_type,
+                                     host_only, available_memory() if host_only else None)
+            settings = replace(settings, kv_pool_contexts=contexts)
+            log.info("%s: its %d slots share a KV cache of %d contexts of %d tokens", info.name,
+                     settings.parallel, contexts, ctx_size)
+        return LLAMAExecutor(info.path, settings, ctx_size,
                              name=info.name, pooling=info.pooling, projector=info.projector)
 
     # --- load policy ---------------------------------------------------------------------

@@ -70,7 +70,8 @@ def test_flash_attention_off_and_on_both_serve(engine_binary, smollm_path):
 
 
 def long_prompt(i: int, sentences: int) -> str:
-    """A prompt of about 12 tokens a sentence, different for each conversation ``i``."""
+    """A prompt of about 17 tokens a sentence (115: 1,990 with the chat template), different
+    for each conversation ``i``."""
     return " ".join(f"Note {i}.{n}: the quick brown fox jumps over the lazy dog."
                     for n in range(sentences))
 
@@ -97,7 +98,7 @@ def run_together(engine: LLAMAExecutor, prompts: list[str]) -> list[object]:
 
 def test_a_kv_pool_holds_conversations_that_together_exceed_the_context(engine_binary,
                                                                         smollm_path):
-    """Four prompts of about 1,400 tokens at once, the model's context 2,048: without
+    """Four prompts of about 1,990 tokens at once, the model's context 2,048: without
     kv_pool_size they fill the KV cache the slots share and the engine fails them (busy: 503,
     retry); with a pool of 8,192 cells all are answered, while each slot stays capped at the
     context (a prompt longer than it is still refused)."""

@@ -6,7 +6,8 @@
 - ``process``: the process and its state machine (``LLAMAExecutor``, ``EngineSettings``).
 """
 
-from .process import EngineSettings, EngineState, LLAMAExecutor, free_port
+from .process import EngineSettings, EngineState, LLAMAExecutor, free_port, kv_pool_cells
 from .transport import EngineStream
 
-__all__ = ["EngineSettings", "EngineState", "EngineStream", "LLAMAExecutor", "free_port"]
+__all__ = ["EngineSettings", "EngineState", "EngineStream", "LLAMAExecutor", "free_port",
+           "kv_pool_cells"]

@@ -88,8 +88,10 @@ class EngineSettings:
     fit_target_mib: int | None = None  # --fit-target (MiB --fit leaves free per device)
     kv_cache_type: str = "f16"  # --cache-type-k/-v (q8_0, q4_0...: less memory per token)
     flash_attention: str = "auto"  # -fa: auto, on, off
-    # Tokens of KV cache the slots share (-c); 0 or less than the context: the context.
+    # Tokens of KV cache the slots share (-c); 0: kv_pool_contexts times the context; less
+    # than the context: the context.
     kv_pool_size: int = 0
+    kv_pool_contexts: int = 1  # with kv_pool_size 0 (auto): contexts the pool holds
     cache_ram: int | None = None  # --cache-ram MiB (-1: no limit, 0: off); None: engine's
     slot_prompt_similarity: float | None = None  # --slot-prompt-similarity; None: engine's
     parallel: int = 4  # slots that decode together (continuous batching)
@@ -97,6 +99,12 @@ class EngineSettings:
     startup_timeout: float = 300.0
     request_timeout: float = 600.0
     extra_args: list[str] = field(default_factory=list)
+
+
+def kv_pool_cells(settings: EngineSettings, ctx_size: int) -> int:
+    """Tokens of KV cache all slots of an engine with ``settings`` and ``ctx_size`` share."""
+    pool = settings.kv_pool_size or getattr(settings, "kv_pool_contexts", 1) * ctx_size
+    return max(pool, ctx_size)
 
 
 def free_port() -> int:
@@ -181,10 +189,11 @@ class LLAMAExecutor(EngineClient):
                "--port", str(port), "-c", str(self.ctx_size), "--parallel", str(s.parallel),
                "--kv-unified", "--jinja", "--reasoning-format", "none", "--no-webui",
                "-b", str(s.batch_size), "--metrics", "-lv", "4"]
-        if s.kv_pool_size > self.ctx_size:
-            # One KV cache of kv_pool_size cells for all slots, each slot still limited to
-            # the model's context: several long conversations decode at once.
-            cmd[cmd.index("-c") + 1] = str(s.kv_pool_size)
+        pool = kv_pool_cells(s, self.ctx_size)
+        if pool > self.ctx_size:
+            # One KV cache of that many cells for all slots, each slot still limited to the
+            # model's context: several long conversations decode at once.
+            cmd[cmd.index("-c") + 1] = str(pool)
             cmd += ["--kv-unified-per-slot", str(self.ctx_size)]
         if s.cache_ram is not None:
             cmd += ["--cache-ram", str(s.cache_ram)]
