@@ -265,9 +265,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def stop_reason(finish: Finish | None) -> str | None:
-    """vLLM's ``stop_reason`` on a choice: the stop string that ended it, else None."""
-    return finish.stop_sequence if finish and finish.reason == "stop_sequence" else None
+def stop_reason(finish: Finish | None) -> str | int | None:
+    """vLLM's ``stop_reason`` on a choice: the stop string that ended it, or the id of the
+    stop token (``stop_token_ids``), else None."""
+    if not finish or finish.reason != "stop_sequence":
+        return None
+    return finish.stop_token if finish.stop_token is not None else finish.stop_sequence
 
 
 def usage_dict(finish: Finish | None) -> dict[str, Any]:

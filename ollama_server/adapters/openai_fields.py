@@ -258,6 +258,15 @@ def apply_vllm_extras(body: dict[str, Any], req: InternalRequest) -> None:
                           param="use_beam_search")
     if body.get("echo") is True and req.is_chat:
         raise Unsupported("'echo' is not supported on chat completions", param="echo")
+    if body.get("echo") is True and body.get("logprobs") not in (None, False):
+        # lm-evaluation-harness and the like sum the prompt's log probabilities: leaving
+        # them out would give silently wrong scores.
+        raise Unsupported("'echo' with 'logprobs' is not supported: llama-server does not "
+                          "score prompt tokens, so the prompt's log probabilities would be "
+                          "missing", param="echo")
+    for key in ("allowed_token_ids", "bad_words", "truncate_prompt_tokens"):
+        if body.get(key) not in (None, []):  # refused, not ignored: the answer would differ
+            raise Unsupported(f"'{key}' is not supported by this engine", param=key)
     for key in ("add_generation_prompt", "continue_final_message"):
         if body.get(key) is not None:
             setattr(req, key, get_bool(body, key, getattr(req, key)))

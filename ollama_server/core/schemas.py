@@ -84,6 +84,9 @@ class InternalRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)  # also end the answer (vLLM)
+    # The stop strings that stand for stop_token_ids (llama-server stops on strings): text →
+    # id, so that the answer can name the token (vLLM's stop_reason is then the id).
+    stop_token_texts: dict[str, int] = field(default_factory=dict)
     include_stop_str_in_output: bool = False  # keep the matched stop string in the text
     ignore_eos: bool = False
     logit_bias: dict[int, float] | None = None
@@ -224,6 +227,7 @@ class Finish:
     reason: str
     usage: Usage = field(default_factory=Usage)
     stop_sequence: str | None = None
+    stop_token: int | None = None  # the stop_token_ids entry that ended it (vLLM)
     tool_calls: list[ToolCall] = field(default_factory=list)
     prompt_tokens_ids: list[int] | None = None
     choice: int = 0

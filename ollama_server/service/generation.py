@@ -248,6 +248,8 @@ class Generation:
             event.choice = index
             if isinstance(event, Finish):
                 event.usage.reasoning_tokens = splitter.reasoning_chunks
+                if event.reason == "stop_sequence":
+                    event.stop_token = self.req.stop_token_texts.get(event.stop_sequence or "")
             yield event
 
     def _choice_request(self, index: int) -> InternalRequest:
@@ -428,8 +430,9 @@ def start_generation(req: InternalRequest, endpoint: str, svc: Services,
         tracker.set_state(req.request_id, RequestState.PROCESSING)
         if req.stop_token_ids:
             # llama-server stops on strings: a stop token becomes the text of that token.
-            pieces = (engine.detokenize([i]) for i in req.stop_token_ids)
-            req.stop = list(dict.fromkeys([*req.stop, *(p for p in pieces if p)]))
+            texts = {i: engine.detokenize([i]) for i in req.stop_token_ids}
+            req.stop_token_texts = {t: i for i, t in texts.items() if t and t not in req.stop}
+            req.stop = list(dict.fromkeys([*req.stop, *req.stop_token_texts]))
         try:
             stream = open_stream(engine, req)
         except ContextLengthExceeded as exc:

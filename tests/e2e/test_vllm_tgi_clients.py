@@ -271,6 +271,11 @@ def test_vllm_chat_template_kwargs_and_stop_tokens(oai, base_url):
     comma = _engine_ids(base_url, ",")
     resp = _chat(oai, "Count: 1, 2, 3, 4", stop_token_ids=comma, max_tokens=20)
     assert "," not in resp.choices[0].message.content
+    # vLLM names the stop token by its id (an int), a stop string by its text.
+    by_id = oai.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=8,
+                                   temperature=0, extra_body={"stop_token_ids": comma})
+    assert by_id.choices[0].model_extra["stop_reason"] in comma, by_id.choices[0]
+    assert cut.choices[0].model_extra["stop_reason"] == ","
 
 
 def test_vllm_completions_extras(oai):

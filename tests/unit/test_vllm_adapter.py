@@ -111,6 +111,9 @@ def test_sampling_extras():
     ({"skip_special_tokens": False}, "skip_special_tokens"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"echo": True}, "echo"),
+    ({"allowed_token_ids": [28, 30]}, "allowed_token_ids"),  # refused, never ignored
+    ({"bad_words": ["x"]}, "bad_words"),
+    ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
 ])
 def test_what_the_engine_cannot_do_is_a_400(extra, match):
     with pytest.raises(InvalidRequest, match=match) as info:
@@ -192,3 +195,22 @@ def test_legacy_generate():
     assert stream.process(ReasoningDelta("b")) == [{"text": ["pab"]}]
     assert stream.process(TextDelta("")) == []
     assert stream.process(Finish("stop")) == []
+
+
+def test_echo_with_logprobs_is_refused_not_answered_without_the_prompts():
+    """Evaluation harnesses sum the prompt's log probabilities from echo + logprobs; the
+    engine gives none for prompt tokens, so the request is a 400, never a partial answer."""
+    body = {"model": "m", "prompt": "The sky is", "max_tokens": 1}
+    with pytest.raises(Unsupported, match="echo") as info:
+        openai_completion_to_internal({**body, "echo": True, "logprobs": 1})
+    assert info.value.param == "echo"
+    openai_completion_to_internal({**body, "echo": True})
+    openai_completion_to_internal({**body, "logprobs": 1})
+
+
+def test_stop_reason_names_the_stop_token_id():
+    from ollama_server.adapters.openai import stop_reason
+
+    assert stop_reason(Finish(reason="stop_sequence", stop_sequence=",", stop_token=28)) == 28
+    assert stop_reason(Finish(reason="stop_sequence", stop_sequence=",")) == ","
+    assert stop_reason(Finish(reason="stop")) is None
