@@ -317,11 +317,19 @@ def legacy_functions(body: dict[str, Any]) -> bool:
     return bool(body.get("functions")) and not body.get("tools")
 
 
+def named_tool_choice(body: dict[str, Any]) -> bool:
+    """Whether the request forces one named function: OpenAI then ends the answer with
+    ``finish_reason: "stop"``, not ``"tool_calls"`` (vLLM does the same since PR #25054)."""
+    choice = body.get("tool_choice")
+    return isinstance(choice, dict) and choice.get("type") == "function"
+
+
 def internal_to_openai_chat(results: Any, model: str, logprobs: bool = False,
                             completion_id: str | None = None,
-                            functions: bool = False) -> dict[str, Any]:
+                            functions: bool = False, named_tool: bool = False) -> dict[str, Any]:
     """A non-streamed chat completion from a collected Result (or one per choice);
-    ``functions``: in the deprecated function-call form (``legacy_functions``)."""
+    ``functions``: in the deprecated function-call form (``legacy_functions``);
+    ``named_tool``: the request forced a named function (``named_tool_choice``)."""
     choices = []
     for index, result in enumerate(_as_list(results)):
         finish = result.finish
@@ -338,6 +346,8 @@ def internal_to_openai_chat(results: Any, model: str, logprobs: bool = False,
             reason = "function_call"
         elif result.tool_calls:
             message["tool_calls"] = tool_call_dicts(result.tool_calls)
+            if named_tool and reason == "tool_calls":
+                reason = "stop"
         choices.append({"index": index, "message": message,
                         "logprobs": _chat_logprobs(result.tokens) if logprobs else None,
                         "finish_reason": reason,
@@ -421,11 +431,13 @@ class OpenAIChatStream(_ChoicesStream):
 
     def __init__(self, model: str, include_usage: bool = False, logprobs: bool = False,
                  completion_id: str | None = None, n: int = 1,
-                 continuous_usage: bool = False, functions: bool = False) -> None:
+                 continuous_usage: bool = False, functions: bool = False,
+                 named_tool: bool = False) -> None:
         super().__init__("chatcmpl", model, include_usage, logprobs, n, completion_id,
                          continuous_usage)
         self._started = False
         self.functions = functions  # the deprecated function-call form (legacy_functions)
+        self.named_tool = named_tool  # a forced named function ends with "stop"
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
                logprobs: Any = None, index: int = 0) -> dict[str, Any]:
@@ -471,6 +483,8 @@ class OpenAIChatStream(_ChoicesStream):
             reason = FINISH_REASONS.get(event.reason, "stop")
             if self.functions and reason == "tool_calls":
                 reason = "function_call"
+            elif self.named_tool and reason == "tool_calls":
+                reason = "stop"
             out += self._finished(event, self._chunk({}, reason, index=index))
         return out
 

@@ -55,10 +55,12 @@ def chat_completions() -> Response:
         return sse_stream(gen, oa.OpenAIChatStream(body["model"], oa.include_usage(body),
                                                    req.logprobs, n=req.n,
                                                    continuous_usage=oa.continuous_usage(body),
-                                                   functions=oa.legacy_functions(body)))
+                                                   functions=oa.legacy_functions(body),
+                                                   named_tool=oa.named_tool_choice(body)))
     return jsonify(oa.internal_to_openai_chat(gen.collect_choices(), body["model"],
                                               req.logprobs,
-                                              functions=oa.legacy_functions(body)))
+                                              functions=oa.legacy_functions(body),
+                                              named_tool=oa.named_tool_choice(body)))
 
 
 @bp.post("/v1/completions")

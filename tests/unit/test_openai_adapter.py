@@ -150,6 +150,10 @@ def test_chat_response_shapes():
     msg = body["choices"][0]["message"]
     assert msg["content"] is None and msg["tool_calls"][0]["function"]["name"] == "f"
     assert body["choices"][0]["finish_reason"] == "tool_calls"
+    named = oa.internal_to_openai_chat(result, "m", named_tool=True)  # OpenAI's own quirk
+    assert named["choices"][0]["finish_reason"] == "stop"
+    assert oa.named_tool_choice({"tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert not oa.named_tool_choice({"tool_choice": "required"})
     body = oa.internal_to_openai_chat(Result(text="hi", finish=Finish("stop_sequence")), "m")
     assert body["choices"][0]["finish_reason"] == "stop"
 
