@@ -212,7 +212,11 @@ def test_kv_cache_and_cache_config_for_a_gateway(gateway_service):
     configs = {k: v for (n, k), v in found.items() if n == "vllm:cache_config_info"}
     (labels,) = [dict(k) for k in configs if dict(k)["model_name"] == MODEL]
     assert configs[tuple(sorted(labels.items()))] == 1.0
-    assert labels["num_gpu_blocks"] == labels["kv_cache_size_tokens"] == context == "8192"
+    # The KV cache is what the slots share (kv_pool_size: by default several contexts).
+    (pool,) = [m["kv_pool_size"] for m in requests.get(base + "/api/ps", timeout=30).json()[
+        "models"] if m["name"] == MODEL]
+    assert context == "8192" and pool % 8192 == 0
+    assert labels["num_gpu_blocks"] == labels["kv_cache_size_tokens"] == str(pool)
     assert (labels["block_size"], labels["cache_dtype"], labels["enable_prefix_caching"]) == (
         "1", "f16", "True")
     assert int(labels["kv_cache_memory_bytes"]) > 0  # the engine's KV buffers, from its log
