@@ -468,7 +468,7 @@ def stop_reason(finish: Finish | None) -> str:
     """The Anthropic ``stop_reason`` of a finish."""
     if finish is None:
         return "end_turn"
-    if finish.tool_calls:
+    if finish.tool_calls and finish.reason != "length":  # a call cut off: max_tokens
         return "tool_use"
     if finish.context_full:
         return "model_context_window_exceeded"
@@ -608,7 +608,8 @@ class AnthropicStream:
                         out.append(self._delta({"type": "input_json_delta",
                                                 "partial_json": call.arguments}))
             out += self._close_block()
-            reason = "tool_use" if self._tool_blocks else stop_reason(event)
+            reason = ("tool_use" if self._tool_blocks and event.reason != "length"
+                      else stop_reason(event))
             out.append(("message_delta", {
                 "type": "message_delta",
                 "delta": {"stop_reason": reason,

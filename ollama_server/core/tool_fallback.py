@@ -15,6 +15,7 @@ what Ollama and llama.cpp's generic format do instead, once for every dialect:
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -119,6 +120,31 @@ def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
     return calls or None
 
 
+_NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)("?)')
+_ARGUMENTS = re.compile(r',\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+def parse_cut_call(text: str, tools: list[Tool]) -> ToolCall | None:
+    """The call a model was writing when its answer was cut off (``max_tokens``), as OpenAI
+    returns one: the function's name and the arguments' text so far (not valid JSON). None
+    when ``text`` is not the start of a call of one of ``tools``: its name must be complete,
+    or a beginning of the only tool's name."""
+    m = _NAME.match(text)
+    if m is None:
+        return None
+    name, closed = m.group(1), bool(m.group(2))
+    names = [t.name for t in tools]
+    if not closed:
+        if len(names) != 1 or not names[0].startswith(name):
+            return None
+        name = names[0]
+    elif name not in names:
+        return None
+    args = _ARGUMENTS.search(text, m.end())
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name,
+                    arguments=text[args.end():] if args else "")
+
+
 class ToolCallExtractor:
     """Event filter: an answer that is a JSON call becomes tool-call events."""
 
@@ -140,13 +166,17 @@ class ToolCallExtractor:
             elif isinstance(event, Finish) and self._held:
                 text = "".join(e.text for e in self._held)
                 calls = parse_calls(text.strip(), self.tools)
+                if calls is None and event.reason == "length":
+                    cut = parse_cut_call(text, self.tools)
+                    calls = [cut] if cut is not None else None
                 if calls is None:
                     yield from self._held
                 else:
                     for i, call in enumerate(calls):
                         yield ToolCallDelta(index=i, id=call.id, name=call.name,
                                             arguments=call.arguments)
-                    event.reason = "tool_calls"
+                    if event.reason != "length":  # a call cut off stays "length"
+                        event.reason = "tool_calls"
                     event.tool_calls = calls
                 self._held = []
                 yield event

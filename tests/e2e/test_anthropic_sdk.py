@@ -128,6 +128,14 @@ def test_stop_sequences(claude):
     assert final.stop_reason == "stop_sequence" and final.stop_sequence == "gamma"
 
 
+def test_a_tool_use_cut_off_by_max_tokens(claude):
+    msg = claude.messages.create(model=MODEL, max_tokens=8, tools=[WEATHER],
+                                 tool_choice={"type": "tool", "name": "get_weather"},
+                                 messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert msg.stop_reason == "max_tokens", msg
+    assert [b.type for b in msg.content] == ["tool_use"] and msg.content[0].name == "get_weather"
+
+
 def test_tools_round_trip(claude):
     question = {"role": "user", "content": "What is the weather in Paris?"}
     msg = claude.messages.create(model=MODEL, max_tokens=120, extra_body=T0, tools=[WEATHER],

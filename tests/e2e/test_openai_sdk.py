@@ -234,6 +234,18 @@ def test_legacy_functions_are_answered_as_a_function_call(oai):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "function_call"
 
 
+def test_a_tool_call_cut_off_by_max_tokens_is_still_a_tool_call(oai):
+    """OpenAI returns a forced call that max_tokens cut off as tool_calls (its arguments
+    incomplete) with finish_reason "length": clients read message.tool_calls[0]."""
+    resp = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL], tool_choice="required", max_tokens=8, temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "length", choice
+    assert choice.message.tool_calls[0].function.name == "get_weather", choice
+    assert not choice.message.content
+
+
 def test_tool_call_streamed(oai):
     stream = oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],

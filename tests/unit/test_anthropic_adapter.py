@@ -390,6 +390,8 @@ def test_message_body_with_all_blocks():
     (Finish("stop"), "end_turn", None),
     (Finish("length"), "max_tokens", None),
     (Finish("stop_sequence", stop_sequence="END"), "stop_sequence", "END"),
+    # A tool call cut off by max_tokens: Anthropic says max_tokens (its tool_use incomplete).
+    (Finish("length", tool_calls=[ToolCall("c", "f", '{"x": ')]), "max_tokens", None),
 ])
 def test_message_body_stop_reasons(finish, reason, seq):
     out = internal_to_anthropic_message(Result(text="x", finish=finish), "m")

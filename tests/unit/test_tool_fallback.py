@@ -92,3 +92,29 @@ def test_extractor_gives_back_json_that_is_not_a_call():
     events = list(ToolCallExtractor([WEATHER]).process([TextDelta('{"a": 1}'),
                                                         Finish("stop")]))
     assert events == [TextDelta('{"a": 1}'), Finish("stop")]
+
+
+TIME = Tool("get_time", "Time in a city", {"type": "object"})
+
+
+def test_a_call_cut_off_by_max_tokens_stays_a_call():
+    """OpenAI returns a call cut off by max_tokens as tool_calls with its arguments so far
+    and finish_reason "length"; text would break clients that read message.tool_calls."""
+    events = list(ToolCallExtractor([WEATHER, TIME]).process([
+        TextDelta('{\n  "name": "get_weather",'), TextDelta(' "arguments": {"city": "Ro'),
+        Finish("length")]))
+    assert isinstance(events[0], ToolCallDelta) and events[0].name == "get_weather"
+    assert events[0].arguments == '{"city": "Ro'
+    assert events[-1].reason == "length" and events[-1].tool_calls[0].name == "get_weather"
+    # The name itself cut off: the only tool offered (a named tool_choice) is the call.
+    only = list(ToolCallExtractor([WEATHER]).process([TextDelta('{"name": "get'),
+                                                      Finish("length")]))
+    assert only[0].name == "get_weather" and only[0].arguments == ""
+    # ... but with several tools it could be any of them: the text is given back.
+    two = list(ToolCallExtractor([WEATHER, TIME]).process([TextDelta('{"name": "get'),
+                                                           Finish("length")]))
+    assert two == [TextDelta('{"name": "get'), Finish("length")]
+    # Not a call at all, or an unknown function: text, as before.
+    for text in ('{"a": 1, "b"', '{"name": "rm_rf", "arguments": {'):
+        out = list(ToolCallExtractor([WEATHER]).process([TextDelta(text), Finish("length")]))
+        assert out == [TextDelta(text), Finish("length")]
