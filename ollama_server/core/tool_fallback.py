@@ -120,28 +120,25 @@ def parse_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
     return calls or None
 
 
-_NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)("?)')
-_ARGUMENTS = re.compile(r',\s*"(?:arguments|parameters)"\s*:\s*')
+_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
 
 
 def parse_cut_call(text: str, tools: list[Tool]) -> ToolCall | None:
     """The call a model was writing when its answer was cut off (``max_tokens``), as OpenAI
     returns one: the function's name and the arguments' text so far (not valid JSON). None
-    when ``text`` is not the start of a call of one of ``tools``: its name must be complete,
-    or a beginning of the only tool's name."""
-    m = _NAME.match(text)
-    if m is None:
+    when ``text`` is not the start of a call (``{"name": "<tool>", "arguments": …``) of one of
+    ``tools``: its name must be complete, or the text a beginning of the only tool's call."""
+    compact = re.sub(r"\s+", "", text)
+    if not compact.startswith("{"):
         return None
-    name, closed = m.group(1), bool(m.group(2))
-    names = [t.name for t in tools]
-    if not closed:
-        if len(names) != 1 or not names[0].startswith(name):
-            return None
-        name = names[0]
-    elif name not in names:
+    heads = {t.name: '{"name":' + json.dumps(t.name) for t in tools}
+    named = [name for name, head in heads.items() if compact.startswith(head)]
+    if not named and len(heads) == 1:
+        named = [name for name, head in heads.items() if head.startswith(compact)]
+    if len(named) != 1:
         return None
-    args = _ARGUMENTS.search(text, m.end())
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=name,
+    args = _ARGUMENTS.search(text)
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", name=named[0],
                     arguments=text[args.end():] if args else "")
 
 

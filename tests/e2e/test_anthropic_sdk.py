@@ -130,6 +130,7 @@ def test_stop_sequences(claude):
 
 def test_a_tool_use_cut_off_by_max_tokens(claude):
     msg = claude.messages.create(model=MODEL, max_tokens=8, tools=[WEATHER],
+                                 extra_body={"temperature": 0.0},
                                  tool_choice={"type": "tool", "name": "get_weather"},
                                  messages=[{"role": "user", "content": "Weather in Paris?"}])
     assert msg.stop_reason == "max_tokens", msg

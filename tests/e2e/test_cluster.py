@@ -118,6 +118,13 @@ def started(c: Cluster) -> Cluster:
         wait_for(lambda: c.proc.poll() is not None or c.all_up(),
                  "the instances up behind haproxy", 180, every=0.5)
         assert c.proc.poll() is None, c.log()
+    except AssertionError as exc:
+        try:
+            seen = c.servers()
+        except OSError as err:
+            seen = err
+        c.stop()
+        raise AssertionError(f"{exc}\nHAProxy's servers: {seen}\n{c.log()}") from None
     except BaseException:
         c.stop()
         raise

@@ -110,6 +110,9 @@ def test_a_call_cut_off_by_max_tokens_stays_a_call():
     only = list(ToolCallExtractor([WEATHER]).process([TextDelta('{"name": "get'),
                                                       Finish("length")]))
     assert only[0].name == "get_weather" and only[0].arguments == ""
+    spaced = list(ToolCallExtractor([WEATHER]).process([TextDelta('{\n  "na'),
+                                                        Finish("length")]))
+    assert spaced[0].name == "get_weather"
     # ... but with several tools it could be any of them: the text is given back.
     two = list(ToolCallExtractor([WEATHER, TIME]).process([TextDelta('{"name": "get'),
                                                            Finish("length")]))
