@@ -484,8 +484,7 @@ class SharedTracker(RequestTracker):
             time.sleep(FLUSH_S)
             with self._lock:
                 changed = [s for rid, s in self._active.items()
-                           if s.tokens_generated != self._flushed.get(rid, 0)
-                           and rid not in self._client.unadopted]
+                           if s.tokens_generated != self._flushed.get(rid, 0)]
             firsts = [s for s in changed if s.id not in self._flushed]
             for s in firsts:
                 self._client.note("mirror", s.id, {"state": s.state,

@@ -103,7 +103,7 @@ class EngineSettings:
 
 def kv_pool_cells(settings: EngineSettings, ctx_size: int) -> int:
     """Tokens of KV cache all slots of an engine with ``settings`` and ``ctx_size`` share."""
-    pool = settings.kv_pool_size or getattr(settings, "kv_pool_contexts", 1) * ctx_size
+    pool = settings.kv_pool_size or settings.kv_pool_contexts * ctx_size
     return max(pool, ctx_size)
 
 
