@@ -339,7 +339,8 @@ class Cluster:
             while probe(inst.url + "/health/live", 2.0)[0] != 200:
                 _reap()
                 if not alive(self.masters[inst.name]):
-                    raise SystemExit(f"{inst.name} exited before it served; see "
+                    how = _how_it_ended(self.masters[inst.name])
+                    raise SystemExit(f"{inst.name} exited before it served{how}; see "
                                      f"{self.dir / inst.name / 'stdout.log'}")
                 if time.monotonic() > deadline:
                     raise SystemExit(f"{inst.name} did not answer on {inst.url} within "
@@ -415,15 +416,29 @@ def _children_of(pid: int) -> set[int]:
     return children(pid)
 
 
+_EXITS: dict[int, int] = {}  # pid → wait status of the children _reap() collected
+
+
 def _reap() -> None:
     """Collect every exited child (adopted ones too: this process is a subreaper)."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        _EXITS[pid] = status
+
+
+def _how_it_ended(pid: int) -> str:
+    """``exit code N`` or ``killed by SIGX`` for a child _reap() collected, else ''."""
+    status = _EXITS.get(pid)
+    if status is None:
+        return ""
+    if os.WIFSIGNALED(status):
+        return f" ({signal.Signals(os.WTERMSIG(status)).name})"
+    return f" (exit code {os.waitstatus_to_exitcode(status)})"
 
 
 def _become_subreaper() -> None:
